@@ -1,0 +1,268 @@
+"""Anthropic HH text -> chat messages -> Llama-3 token ids with assistant-only labels.
+
+The pieces, in the order the training script uses them:
+  parse_hh_to_messages  one HH string ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> [{"role", "content"}, ...]
+  load_raw_dataset      a Hub id or a local .jsonl/.jsonl.gz/.json/.parquet file or folder -> Dataset
+  build_sft_dataset     HH rows -> `messages` (+ `input_ids`, `labels` when given a tokenizer), with a report
+  CompletionOnlyCollator  pads a batch and puts labels on every assistant turn and nothing else
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+LLAMA3_ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+LLAMA3_END_OF_TURN = "<|eot_id|>"
+
+# A role tag opens a turn at the start of the text or after a blank line; "Human:" anywhere else is text.
+_HH_TAG = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_to_messages(text: str) -> list[dict[str, str]]:
+    """Parse one HH conversation into alternating user/assistant messages.
+
+    CRLF is normalised, contents are stripped, empty turns are dropped and consecutive turns of the same
+    role are merged with a blank line, so roles always alternate. Text before the first tag has no
+    speaker and is dropped.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"HH text must be a str, got {type(text).__name__}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    parts = _HH_TAG.split(text)  # [preamble, tag, content, tag, content, ...]
+    messages: list[dict[str, str]] = []
+    for tag, content in zip(parts[1::2], parts[2::2]):
+        role, content = _HH_ROLES[tag], content.strip()
+        if not content:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def hh_to_sft_messages(chosen) -> tuple[list[dict[str, str]], str]:
+    """Messages to train on from one HH `chosen` field, and why the row is dropped ("" when kept)."""
+    if not isinstance(chosen, str):
+        return [], "chosen_not_a_string"
+    messages = parse_hh_to_messages(chosen)
+    while messages and messages[-1]["role"] == "user":  # nothing to learn from a question left unanswered
+        messages.pop()
+    if not messages:
+        return [], "no_assistant_turn"
+    return messages, ""
+
+
+def load_raw_dataset(name: str, split: str, data_files: str | None = None):
+    """Load HH rows from a Hub id or a local file/folder (.jsonl, .jsonl.gz, .json, .parquet)."""
+    from datasets import load_dataset
+
+    if not os.path.exists(name):
+        return load_dataset(name, split=split)
+    files = [name] if os.path.isfile(name) else sorted(
+        os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs if _data_format(f)
+    )
+    formats = {_data_format(f) for f in files}
+    if not files or None in formats or len(formats) > 1:
+        raise ValueError(f"{name}: expected .jsonl, .jsonl.gz, .json or .parquet files of one kind")
+    return load_dataset(formats.pop(), data_files=files, split=split)
+
+
+def _data_format(path: str) -> str | None:
+    for suffix, fmt in ((".jsonl", "json"), (".jsonl.gz", "json"), (".json", "json"), (".json.gz", "json"),
+                        (".parquet", "parquet")):
+        if path.endswith(suffix):
+            return fmt
+    return None
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows: read, kept, dropped by reason; token counts when tokenized."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    assistant_tokens: int = 0
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
+        line = f"rows read {self.rows_read}, kept {self.rows_kept}, dropped: {drops}"
+        if self.tokens:
+            line += f"; tokens {self.tokens}, trained (assistant) tokens {self.assistant_tokens}"
+        return line
+
+
+def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_proc: int | None = None,
+                      collator: CompletionOnlyCollator | None = None, return_report: bool = False):
+    """HH rows (`chosen` column) -> a `messages` column, plus `input_ids` and `labels` when a tokenizer is given.
+
+    Drops rows whose `chosen` is not a string or has no assistant turn, trailing user turns, and (with a
+    tokenizer and `max_length`) rows whose every assistant token was cut away by truncation, so no batch
+    trains on nothing. Logs a report of what was dropped and why; `return_report=True` also returns it.
+    """
+    if tokenizer is not None and collator is None:
+        collator = CompletionOnlyCollator(tokenizer)
+    mapped = ds.map(
+        _convert_batch,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=ds.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "collator": collator},
+        desc="Parsing HH" + (" and tokenizing" if tokenizer is not None else ""),
+    )
+    reasons = mapped["drop_reason"]
+    report = DataReport(rows_read=len(reasons))
+    report.dropped = dict(Counter(r for r in reasons if r))
+    kept = mapped.select([i for i, r in enumerate(reasons) if not r]).remove_columns("drop_reason")
+    report.rows_kept = len(kept)
+    if tokenizer is not None:
+        report.tokens = sum(kept["num_tokens"])
+        report.assistant_tokens = sum(kept["num_trained"])
+        kept = kept.remove_columns(["num_tokens", "num_trained"])
+    logger.info("SFT data: %s", report.summary())
+    return (kept, report) if return_report else kept
+
+
+def _convert_batch(batch, tokenizer, max_length, collator):
+    converted = [hh_to_sft_messages(chosen) for chosen in batch["chosen"]]
+    out = {"messages": [m for m, _ in converted], "drop_reason": [r for _, r in converted]}
+    if tokenizer is None:
+        return out
+    input_ids = [ids[:max_length] for ids in tokenize_conversations(tokenizer, out["messages"])]
+    labels = collator.labels_for(input_ids)
+    out["input_ids"], out["labels"] = input_ids, labels
+    out["num_tokens"] = [len(ids) for ids in input_ids]
+    out["num_trained"] = [sum(label != IGNORE_INDEX for label in row) for row in labels]
+    out["drop_reason"] = [
+        reason or ("reply_truncated_away" if trained == 0 else "")
+        for reason, trained in zip(out["drop_reason"], out["num_trained"])
+    ]
+    return out
+
+
+def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Token ids of each conversation as the tokenizer's chat template renders it, special-token safe.
+
+    The template is rendered once per sequence of roles with placeholder contents; its pieces are
+    tokenized once (special tokens recognised) and the message contents in one batched call with
+    `split_special_tokens=True`, so a literal "<|eot_id|>" typed in a message stays text instead of
+    becoming the real token (which `apply_chat_template(tokenize=True)` would do). Same ids as the
+    template otherwise: pieces meet contents at special tokens or at the "\\n\\n" after a header.
+    """
+    contents = [m["content"].strip() for conv in conversations for m in conv]
+    content_ids = iter(tokenizer(contents, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    result = []
+    for conv in conversations:
+        ids: list[int] = []
+        if not conv:  # a dropped row: nothing to render
+            result.append(ids)
+            continue
+        pieces = _template_skeleton(tokenizer, tuple(m["role"] for m in conv))
+        for piece in pieces:
+            ids.extend(next(content_ids) if piece is None else piece)
+        result.append(ids)
+    return result
+
+
+_PLACEHOLDER = "@@SFT_CONTENT_{}@@"
+_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(template, roles): pieces}
+
+
+def _template_skeleton(tokenizer, roles: tuple[str, ...]) -> tuple:
+    """The chat template for this sequence of roles as token-id pieces, `None` where a content goes."""
+    cache = _SKELETONS.setdefault(tokenizer, {})
+    key = (tokenizer.chat_template, roles)
+    if key not in cache:
+        messages = [{"role": r, "content": _PLACEHOLDER.format(i)} for i, r in enumerate(roles)]
+        parts = re.split(r"@@SFT_CONTENT_\d+@@", tokenizer.apply_chat_template(messages, tokenize=False))
+        if len(parts) != len(roles) + 1:
+            raise ValueError("the chat template must render each message's content exactly once")
+        pieces = []
+        for i, part in enumerate(parts):
+            if part:
+                pieces.append(tuple(tokenizer(part, add_special_tokens=False)["input_ids"]))
+            if i < len(roles):
+                pieces.append(None)
+        cache[key] = tuple(pieces)
+    return cache[key]
+
+
+class CompletionOnlyCollator:
+    """Pads a batch and trains on every assistant turn: its content tokens and the end-of-turn token.
+
+    TRL 1.x removed `DataCollatorForCompletionOnlyLM`; this replaces it, fixed. A turn starts after each
+    `response_template` and ends at the next `end_of_turn` token (inclusive); everything else (BOS, system
+    and user turns, headers, padding) is -100. Padding is found from lengths, never by comparing ids with
+    the pad id, so the stop token stays trained even when pad == end_of_turn. Examples that already carry
+    `labels` (made once, at preprocessing, by `labels_for`) are only padded.
+    """
+
+    def __init__(self, tokenizer, response_template: str = LLAMA3_ASSISTANT_HEADER,
+                 end_of_turn: str = LLAMA3_END_OF_TURN, pad_to_multiple_of: int | None = None):
+        self.response_ids = torch.tensor(tokenizer(response_template, add_special_tokens=False)["input_ids"])
+        end_ids = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
+        if len(end_ids) != 1:
+            raise ValueError(f"end_of_turn {end_of_turn!r} must be a single token, got {len(end_ids)}")
+        self.end_id = end_ids[0]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids, lengths = self._pad([e["input_ids"] for e in examples], self.pad_id)
+        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        if "labels" in examples[0]:
+            labels, _ = self._pad([e["labels"] for e in examples], IGNORE_INDEX)
+        else:
+            labels = self._mask(input_ids, attention_mask.bool())
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def labels_for(self, input_ids: list[list[int]]) -> list[list[int]]:
+        """Labels for unpadded sequences (used at preprocessing so masks survive packing and any batching)."""
+        if not input_ids:
+            return []
+        padded, lengths = self._pad(input_ids, self.pad_id)
+        valid = torch.arange(padded.shape[1]) < lengths[:, None]
+        labels = self._mask(padded, valid)
+        return [row[:n].tolist() for row, n in zip(labels, lengths.tolist())]
+
+    def _pad(self, rows, value) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([len(r) for r in rows])
+        width = int(lengths.max()) if len(rows) else 0
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        return out, lengths
+
+    def _mask(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Vectorised: a token is trained when the last turn event before it is an assistant header."""
+        batch, width = input_ids.shape
+        k = len(self.response_ids)
+        starts = torch.zeros(batch, width + 1, dtype=torch.bool)  # first token after an assistant header
+        if width >= k:
+            header_at = torch.ones(batch, width - k + 1, dtype=torch.bool)
+            for j, token in enumerate(self.response_ids.tolist()):
+                header_at &= input_ids[:, j: width - k + 1 + j] == token
+            starts[:, k:] = header_at
+        stops = torch.zeros(batch, width + 1, dtype=torch.bool)  # first token after an end-of-turn
+        stops[:, 1:] = input_ids == self.end_id
+        position = torch.arange(width + 1)
+        last_start = torch.where(starts, position, -1).cummax(dim=1).values
+        last_stop = torch.where(stops, position, -1).cummax(dim=1).values
+        trained = (last_start > last_stop)[:, :width] & valid
+        return torch.where(trained, input_ids, IGNORE_INDEX)

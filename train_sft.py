@@ -1,0 +1,595 @@
+"""Supervised fine-tuning on Anthropic HH: the reference model for the DPO stage.
+
+    python train_sft.py --config config_dpo.yaml            # the real run (reads the `sft_training` section)
+    python train_sft.py --config config_dpo.yaml --dry-run  # ~10 steps on a small slice, then artifact checks
+    python train_sft.py --demo                              # offline: tiny local Llama + the shipped sample
+
+Stages of `main()`: config -> tokenizer -> data -> model -> trainer -> train -> save -> push.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import get_args, get_type_hints
+
+import yaml
+
+logger = logging.getLogger("train_sft")
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+DPO_SECTIONS = ("ref_name", "dpo_training", "risk_test", "beta_update", "margin_log")  # read by the DPO stage only
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: typed sections of config_dpo.yaml. Unknown keys, wrong types and out-of-range values are errors.
+# ----------------------------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """Bad input found before anything heavy is loaded; reported as one line, exit code 2."""
+
+
+def _check(min=None, max=None, above=None, below=None, choices=None):  # noqa: A002 (names read like the rule)
+    return {"min": min, "max": max, "above": above, "below": below, "choices": choices}
+
+
+@dataclass
+class DatasetConfig:
+    """The `dataset` section, shared with the DPO stage."""
+
+    dataset_name: str = "Anthropic/hh-rlhf"  # Hub id, or a local .jsonl/.jsonl.gz/.json/.parquet file or folder
+    subset: str = "train[:100%]"  # split expression
+    val_ratio: float = field(default=0.1, metadata=_check(above=0, below=1))
+    seed: int = 42  # seed of the train/eval split
+    max_len: int = field(default=512, metadata=_check(min=1))  # DPO's max length (SFT uses sft_training.max_length)
+
+
+@dataclass
+class SFTTrainingConfig:
+    """The `sft_training` section. Every key maps onto TRL's `SFTConfig` (see `build_sft_config`)."""
+
+    learning_rate: float = field(default=5e-6, metadata=_check(above=0))
+    batch_size: int = field(default=16, metadata=_check(min=1))  # per device
+    eval_batch_size: int = field(default=16, metadata=_check(min=1))
+    epochs: float = field(default=1.0, metadata=_check(above=0))
+    gradient_accumulation: int = field(default=1, metadata=_check(min=1))
+    max_length: int = field(default=512, metadata=_check(min=8))
+    warmup_steps: int = field(default=120, metadata=_check(min=0))
+    lr_scheduler_type: str = field(default="cosine", metadata=_check(choices=SCHEDULERS))
+    weight_decay: float = field(default=0.0, metadata=_check(min=0))
+    max_grad_norm: float = field(default=1.0, metadata=_check(above=0))
+    gradient_checkpointing: bool = False
+    log_steps: int = field(default=10, metadata=_check(min=1))
+    eval_steps: int | None = field(default=None, metadata=_check(min=1))  # None: same as save_steps
+    save_steps: int = field(default=500, metadata=_check(min=1))
+    save_total_limit: int | None = field(default=2, metadata=_check(min=1))
+    save_only_model: bool = False  # False: checkpoints hold optimizer/scheduler/RNG, so a resume is exact
+    save_dir: str = "sft_model"
+    seed: int = 42
+    dataset_num_proc: int | None = field(default=None, metadata=_check(min=1))
+    wandb_project: str | None = "hh-llama32-1b-sft"  # null: no W&B
+    run_name: str | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = "W-61/hh-llama32-1b-sft"
+
+
+@dataclass
+class Config:
+    """The parts of config_dpo.yaml this script reads."""
+
+    policy_name: str
+    precision: str
+    dataset: DatasetConfig
+    sft_training: SFTTrainingConfig
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the YAML file; raise ConfigError naming the key on any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a YAML mapping of sections")
+    known = ("policy_name", "precision", "dataset", "sft_training", *DPO_SECTIONS)
+    _reject_unknown(raw, known, "top level")
+    for key in ("policy_name", "dataset", "sft_training"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing required key '{key}'")
+    precision = str(raw.get("precision", "fp32")).lower()
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {raw['precision']!r}")
+    return Config(
+        policy_name=_coerce("policy_name", raw["policy_name"], str),
+        precision=precision,
+        dataset=_section(DatasetConfig, raw["dataset"], "dataset"),
+        sft_training=_section(SFTTrainingConfig, raw["sft_training"], "sft_training"),
+    )
+
+
+def _reject_unknown(values: dict, known, where: str) -> None:
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}' in {where}{hint}")
+
+
+def _section(cls, values, name: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: must be a mapping of keys, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(values, list(fields), f"'{name}'")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{name}.{key}"
+        value = _coerce(where, value, hints[key])
+        _check_range(where, value, fields[key].metadata)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(where: str, value, hint):
+    """Check `value` against a type hint; numbers written as strings ("5e-7", read so by YAML 1.1) are accepted."""
+    optional = type(None) in get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: must not be null")
+    kind = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str) and value.strip():
+            return value
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def _check_range(where: str, value, rule) -> None:
+    if value is None or not rule:
+        return
+    if rule["choices"] is not None and value not in rule["choices"]:
+        raise ConfigError(f"{where}: must be one of {', '.join(rule['choices'])}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be finite, got {value}")
+    bounds = (("min", "at least", lambda v, b: v >= b), ("max", "at most", lambda v, b: v <= b),
+              ("above", "greater than", lambda v, b: v > b), ("below", "less than", lambda v, b: v < b))
+    for key, words, ok in bounds:
+        if rule[key] is not None and not ok(value, rule[key]):
+            raise ConfigError(f"{where}: must be {words} {rule[key]}, got {value}")
+
+
+def check_before_loading(cfg: Config) -> None:
+    """Cross-key and environment checks that must fail in seconds, before any model or data is loaded."""
+    train = cfg.sft_training
+    if train.push_to_hub:
+        if not train.hub_model_id or not re.fullmatch(r"[\w.-]+/[\w.-]+", train.hub_model_id):
+            raise ConfigError(f"sft_training.hub_model_id: expected 'owner/name', got {train.hub_model_id!r}")
+    name = cfg.dataset.dataset_name
+    looks_local = name.startswith((".", "/", "~")) or name.endswith((".jsonl", ".gz", ".json", ".parquet"))
+    if looks_local and not os.path.exists(name):
+        raise ConfigError(f"dataset.dataset_name: no such file or folder: {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ----------------------------------------------------------------------------------------------------------------
+def prepare_tokenizer(tokenizer):
+    """Give a base Llama-3 tokenizer what SFT needs: the Llama-3 chat template and a pad token that is not eot.
+
+    The template is TRL's `llama3.jinja` (TRL recognises it and maps it to its training variant). The pad
+    token is `<|finetune_right_pad_id|>` where the vocabulary has it (Llama-3.1+), else the first reserved
+    special token (Llama-3.0): never `<|eot_id|>`, which must stay a trained stop token.
+    """
+    from trl.chat_template_utils import llama3_chat_template
+
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = llama3_chat_template
+    if tokenizer.pad_token is None or tokenizer.pad_token == "<|eot_id|>":
+        vocab = tokenizer.get_vocab()
+        reserved = sorted((t for t in vocab if re.fullmatch(r"<\|reserved_special_token_\d+\|>", t)),
+                          key=lambda t: int(re.search(r"\d+", t).group()))
+        candidates = ["<|finetune_right_pad_id|>", *reserved]
+        pad = next((t for t in candidates if t in vocab), None)
+        if pad is None:
+            raise ConfigError("the tokenizer has no <|finetune_right_pad_id|> or reserved token to pad with")
+        tokenizer.pad_token = pad
+    missing = [t for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>") if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ConfigError(f"the tokenizer lacks the Llama-3 chat tokens {', '.join(missing)}")
+    return tokenizer
+
+
+def load_model(name: str, precision: str):
+    """Load the policy with fp32 master weights; bf16/fp16 run as autocast in the trainer.
+
+    Pure-bf16 weights would make AdamW drop every update smaller than ~0.4% of a weight: at an SFT
+    learning rate of 5e-6 that is most of them. Saved weights are cast to `precision` (see save_final_model).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    model.config.use_cache = False  # no KV cache while training; turned back on in the saved config
+    return model
+
+
+def build_random_llama(out_dir: str, tokenizer, **shape) -> str:
+    """Save a random-weight Llama with `tokenizer` as a base-model folder (tests, demo, benchmarks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch
+
+    torch.manual_seed(0)
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, rope_theta=500000.0,
+                tie_word_embeddings=True)
+    dims.update(shape)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **dims)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+def build_sft_config(cfg: Config, *, max_steps: int = -1, report_to: list[str] | None = None, use_cpu=None):
+    """Map the `sft_training` section onto TRL's SFTConfig (one place, every key)."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.sft_training
+    eval_steps = t.eval_steps or t.save_steps
+    if use_cpu is None:
+        use_cpu = not torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=t.save_dir,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        num_train_epochs=t.epochs,
+        max_steps=max_steps,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        max_length=t.max_length,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        logging_steps=t.log_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps" if max_steps < 0 else "no",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        save_only_model=t.save_only_model,
+        seed=t.seed,
+        data_seed=t.seed,
+        dataset_num_proc=t.dataset_num_proc,
+        report_to=report_to if report_to is not None else (["wandb"] if t.wandb_project else []),
+        run_name=t.run_name,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        use_cpu=use_cpu,
+        push_to_hub=False,  # pushed once, after the final save (see push_final_model)
+        hub_model_id=t.hub_model_id,
+        eos_token="<|eot_id|>",
+    )
+
+
+def make_trainer_class():
+    """SFTTrainer plus `eval_accuracy`: next-token accuracy over ALL assistant tokens of the eval set.
+
+    TRL logs `eval_mean_token_accuracy`, a mean of per-batch accuracies (short batches weigh as much as
+    long ones); this weighs every assistant token once.
+    """
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        _eval_hits = 0.0
+        _eval_tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not self.model.training:
+                labels = inputs["labels"]
+                n = self.accelerator.gather_for_metrics((labels[:, 1:] != -100).sum()).sum().item()
+                self._eval_hits += self._metrics["eval"]["mean_token_accuracy"][-1] * n
+                self._eval_tokens += n
+            return result
+
+        def log(self, logs, start_time=None):
+            if "eval_loss" in logs and self._eval_tokens:
+                logs["eval_accuracy"] = self._eval_hits / self._eval_tokens
+                self._eval_hits, self._eval_tokens = 0.0, 0
+            super().log(logs, start_time)
+
+    return Trainer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save and push
+# ----------------------------------------------------------------------------------------------------------------
+def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
+    """Save weights in the run's precision, the tokenizer with its template and pad token, and a generation
+    config that stops at <|eot_id|> (the base model stops only at <|end_of_text|>)."""
+    import torch
+
+    model = trainer.model
+    model.config.use_cache = True
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    eos = [i for i in dict.fromkeys([eot, tokenizer.eos_token_id]) if i is not None]
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is not None:
+        model.to(dtype)
+    trainer.save_model(save_dir)  # model + processing_class (tokenizer, chat_template.jinja)
+
+
+def push_final_model(trainer, hub_model_id: str) -> None:
+    """Push the saved model once, unattended (no prompt), from the main process only."""
+    trainer.args.hub_model_id = hub_model_id
+    trainer.push_to_hub(commit_message="SFT reference model for DPO")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config_dpo.yaml", help="YAML file with an sft_training section")
+    parser.add_argument("--dry-run", action="store_true", help="~10 steps on a small slice, no W&B/push, checks")
+    parser.add_argument("--demo", action="store_true", help="offline demo: tiny local Llama + shipped sample")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.time()
+
+    # --- config ---------------------------------------------------------------------------------------------
+    try:
+        if args.demo:
+            args.config = demo_config_path()
+        cfg = load_config(args.config)
+        if args.demo:
+            build_demo_base_model(cfg.policy_name)
+        if args.dry_run:
+            cfg = dry_run_config(cfg)
+        check_before_loading(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = cfg.sft_training
+    if t.wandb_project:
+        os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
+
+    # --- tokenizer ------------------------------------------------------------------------------------------
+    from transformers import AutoTokenizer
+
+    import data_process_sft as dp
+
+    try:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.policy_name))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    # --- data -----------------------------------------------------------------------------------------------
+    raw = dp.load_raw_dataset(cfg.dataset.dataset_name, cfg.dataset.subset)
+    if "chosen" not in raw.column_names:
+        print(f"error: dataset {cfg.dataset.dataset_name} has no 'chosen' column", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
+    collator = dp.CompletionOnlyCollator(tokenizer)
+    data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length, num_proc=t.dataset_num_proc,
+                                        collator=collator, return_report=True)
+    if len(data) < 2:
+        print(f"error: fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})",
+              file=sys.stderr)
+        return 2
+    split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
+    train_data, eval_data = split["train"].remove_columns("messages"), split["test"].remove_columns("messages")
+
+    # --- model ----------------------------------------------------------------------------------------------
+    model = load_model(cfg.policy_name, cfg.precision)
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    # --- trainer --------------------------------------------------------------------------------------------
+    sft_config = build_sft_config(cfg, max_steps=10 if args.dry_run else -1)
+    trainer = make_trainer_class()(
+        model=model, args=sft_config, data_collator=collator, processing_class=tokenizer,
+        train_dataset=train_data, eval_dataset=eval_data,
+    )
+    print_start_summary(cfg, trainer, report, len(train_data), len(eval_data))
+
+    # --- train ----------------------------------------------------------------------------------------------
+    train_result = trainer.train()
+    final_eval = trainer.evaluate() if args.dry_run or not _just_evaluated(trainer) else {}
+
+    # --- save -----------------------------------------------------------------------------------------------
+    save_final_model(trainer, tokenizer, t.save_dir, cfg.precision)
+    trainer.save_state()
+    metrics = write_metrics(cfg, trainer, report, train_result, final_eval, time.time() - start)
+    print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
+    print(f"  train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
+          f"eval accuracy {metrics['eval_accuracy']:.4f}")
+
+    # --- push -----------------------------------------------------------------------------------------------
+    if t.push_to_hub and trainer.is_world_process_zero():
+        push_final_model(trainer, t.hub_model_id)
+        print(f"Pushed to https://huggingface.co/{t.hub_model_id}")
+
+    if args.dry_run:
+        return dry_run_checks(t.save_dir)
+    if args.demo:
+        demo_reply(t.save_dir)
+    return 0
+
+
+def _just_evaluated(trainer) -> bool:
+    history = trainer.state.log_history
+    last_eval = max((h["step"] for h in history if "eval_loss" in h), default=-1)
+    return last_eval == trainer.state.global_step
+
+
+def print_start_summary(cfg: Config, trainer, report, n_train: int, n_eval: int) -> None:
+    t = cfg.sft_training
+    world = trainer.args.world_size
+    global_batch = t.batch_size * t.gradient_accumulation * world
+    steps = trainer.args.max_steps if trainer.args.max_steps > 0 else \
+        math.ceil(n_train / global_batch) * math.ceil(t.epochs)
+    print(f"SFT of {cfg.policy_name} ({cfg.precision}) on {cfg.dataset.dataset_name} [{cfg.dataset.subset}]\n"
+          f"  data: {report.summary()}\n"
+          f"  train {n_train} / eval {n_eval} conversations, max_length {t.max_length}\n"
+          f"  global batch {global_batch} = batch_size {t.batch_size} x gradient_accumulation "
+          f"{t.gradient_accumulation} x {world} process(es); ~{steps} optimizer steps\n"
+          f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
+
+
+def write_metrics(cfg: Config, trainer, report, train_result, final_eval: dict, runtime: float) -> dict:
+    """metrics.json in save_dir: the numbers W&B shows, readable without W&B."""
+    history = trainer.state.log_history
+    last_eval = next((h for h in reversed(history) if "eval_loss" in h), {})
+    last_eval = {**last_eval, **final_eval}
+    t = cfg.sft_training
+    metrics = {
+        "train_loss": train_result.training_loss,
+        "eval_loss": last_eval.get("eval_loss", float("nan")),
+        "eval_accuracy": last_eval.get("eval_accuracy", float("nan")),
+        "global_step": trainer.state.global_step,
+        "global_batch": t.batch_size * t.gradient_accumulation * trainer.args.world_size,
+        "data": dataclasses.asdict(report),
+        "runtime_s": round(runtime, 1),
+        "config": dataclasses.asdict(cfg),
+        "log_history": history,
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(t.save_dir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --dry-run and --demo
+# ----------------------------------------------------------------------------------------------------------------
+def dry_run_config(cfg: Config) -> Config:
+    """Same pipeline, 10 steps, no W&B, no push, saved to a folder of its own."""
+    t = dataclasses.replace(cfg.sft_training, wandb_project=None, push_to_hub=False, warmup_steps=0,
+                            save_dir=cfg.sft_training.save_dir.rstrip("/") + "_dry_run", eval_steps=10)
+    return dataclasses.replace(cfg, sft_training=t)
+
+
+def dry_run_rows(cfg: Config) -> int:
+    t = cfg.sft_training
+    train_rows = 10 * t.batch_size * t.gradient_accumulation
+    return math.ceil(train_rows / (1 - cfg.dataset.val_ratio)) + 2 * t.eval_batch_size
+
+
+def dry_run_checks(save_dir: str) -> int:
+    """The plan's artifact and reload checks, as a short report; non-zero exit if any fails."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checks = {f: os.path.isfile(os.path.join(save_dir, f)) for f in
+              ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json")}
+    try:
+        AutoModelForCausalLM.from_pretrained(save_dir)
+        tokenizer = AutoTokenizer.from_pretrained(save_dir)
+        checks["model and tokenizer reload"] = True
+        checks["chat template and pad token saved"] = bool(tokenizer.chat_template) and tokenizer.pad_token is not None
+    except (OSError, ValueError) as e:
+        checks[f"model and tokenizer reload ({e})"] = False
+    with open(os.path.join(save_dir, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    checks["finite train and eval loss"] = all(math.isfinite(metrics[k]) for k in ("train_loss", "eval_loss"))
+    print("Dry-run checks:")
+    for name, ok in checks.items():
+        print(f"  [{'ok' if ok else 'FAIL'}] {name}")
+    return 0 if all(checks.values()) else 1
+
+
+def demo_config_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_demo.yaml")
+
+
+def build_demo_base_model(model_dir: str) -> None:
+    """A base-Llama-3-like folder built offline: a small BPE tokenizer with the Llama-3 special tokens
+    (no chat template, no pad token) and a random-weight tiny Llama."""
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import data_process_sft as dp
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    rows = dp.load_raw_dataset(os.path.join(os.path.dirname(demo_config_path()), "data", "hh_sample.jsonl"), "train")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator((r for r in rows["chosen"] if isinstance(r, str)),
+                            trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>")
+    build_random_llama(model_dir, tokenizer, hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    print(f"Built a tiny random-weight base Llama at {model_dir}")
+
+
+def demo_reply(save_dir: str) -> None:
+    """Reload the saved model and print its greedy reply to one question."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(save_dir)
+    model = AutoModelForCausalLM.from_pretrained(save_dir)
+    question = [{"role": "user", "content": "How do I keep my tomato plants healthy?"}]
+    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=40, do_sample=False)
+    reply = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"Reloaded {save_dir}.\nUser: {question[0]['content']}\nAssistant: {reply.strip()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
