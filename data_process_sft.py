@@ -9,7 +9,7 @@ The pieces, in the order the training script uses them:
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import logging
 import os
 import re
@@ -17,6 +17,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class DataReport:
 
 def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_proc: int | None = None,
                       collator: CompletionOnlyCollator | None = None, return_report: bool = False):
-    """HH rows (`chosen` column) -> a `messages` column, plus `input_ids` and `labels` when a tokenizer is given.
+    """HH rows (`chosen` column) -> a `messages` column, plus `input_ids`, `labels` and `length` with a tokenizer.
 
     Drops rows whose `chosen` is not a string or has no assistant turn, trailing user turns, and (with a
     tokenizer and `max_length`) rows whose every assistant token was cut away by truncation, so no batch
@@ -130,9 +131,9 @@ def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_
     kept = mapped.select([i for i, r in enumerate(reasons) if not r]).remove_columns("drop_reason")
     report.rows_kept = len(kept)
     if tokenizer is not None:
-        report.tokens = sum(kept["num_tokens"])
+        report.tokens = sum(kept["length"])
         report.assistant_tokens = sum(kept["num_trained"])
-        kept = kept.remove_columns(["num_tokens", "num_trained"])
+        kept = kept.remove_columns("num_trained")
     logger.info("SFT data: %s", report.summary())
     return (kept, report) if return_report else kept
 
@@ -145,7 +146,7 @@ def _convert_batch(batch, tokenizer, max_length, collator):
     input_ids = [ids[:max_length] for ids in tokenize_conversations(tokenizer, out["messages"])]
     labels = collator.labels_for(input_ids)
     out["input_ids"], out["labels"] = input_ids, labels
-    out["num_tokens"] = [len(ids) for ids in input_ids]
+    out["length"] = [len(ids) for ids in input_ids]  # read by the length-grouped sampler
     out["num_trained"] = [sum(label != IGNORE_INDEX for label in row) for row in labels]
     out["drop_reason"] = [
         reason or ("reply_truncated_away" if trained == 0 else "")
@@ -164,7 +165,12 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]])
     template otherwise: pieces meet contents at special tokens or at the "\\n\\n" after a header.
     """
     contents = [m["content"].strip() for conv in conversations for m in conv]
-    content_ids = iter(tokenizer(contents, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: ~2x faster than the Python wrapper here
+    backend.encode_special_tokens = True  # what `split_special_tokens=True` does
+    try:
+        content_ids = iter([e.ids for e in backend.encode_batch_fast(contents, add_special_tokens=False)])
+    finally:
+        backend.encode_special_tokens = False
     result = []
     for conv in conversations:
         ids: list[int] = []
@@ -204,16 +210,17 @@ def _template_skeleton(tokenizer, roles: tuple[str, ...]) -> tuple:
 class CompletionOnlyCollator:
     """Pads a batch and trains on every assistant turn: its content tokens and the end-of-turn token.
 
-    TRL 1.x removed `DataCollatorForCompletionOnlyLM`; this replaces it, fixed. A turn starts after each
-    `response_template` and ends at the next `end_of_turn` token (inclusive); everything else (BOS, system
-    and user turns, headers, padding) is -100. Padding is found from lengths, never by comparing ids with
-    the pad id, so the stop token stays trained even when pad == end_of_turn. Examples that already carry
-    `labels` (made once, at preprocessing, by `labels_for`) are only padded.
+    TRL 1.x removed `DataCollatorForCompletionOnlyLM`; this replaces it, fixed (the old one trained only
+    the last turn). A turn starts after each `response_template` and ends at the next `end_of_turn` token
+    (inclusive); everything else (BOS, system and user turns, headers, padding) is -100. Padding is found
+    from lengths, never by comparing ids with the pad id, so the stop token stays trained even when
+    pad == end_of_turn. Examples that already carry `labels` (made once, at preprocessing, by
+    `labels_for`) are only padded.
     """
 
     def __init__(self, tokenizer, response_template: str = LLAMA3_ASSISTANT_HEADER,
                  end_of_turn: str = LLAMA3_END_OF_TURN, pad_to_multiple_of: int | None = None):
-        self.response_ids = torch.tensor(tokenizer(response_template, add_special_tokens=False)["input_ids"])
+        self.response_ids = np.array(tokenizer(response_template, add_special_tokens=False)["input_ids"])
         end_ids = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
         if len(end_ids) != 1:
             raise ValueError(f"end_of_turn {end_of_turn!r} must be a single token, got {len(end_ids)}")
@@ -222,47 +229,53 @@ class CompletionOnlyCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, lengths = self._pad([e["input_ids"] for e in examples], self.pad_id)
-        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-        if "labels" in examples[0]:
-            labels, _ = self._pad([e["labels"] for e in examples], IGNORE_INDEX)
-        else:
-            labels = self._mask(input_ids, attention_mask.bool())
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-    def labels_for(self, input_ids: list[list[int]]) -> list[list[int]]:
-        """Labels for unpadded sequences (used at preprocessing so masks survive packing and any batching)."""
-        if not input_ids:
-            return []
-        padded, lengths = self._pad(input_ids, self.pad_id)
-        valid = torch.arange(padded.shape[1]) < lengths[:, None]
-        labels = self._mask(padded, valid)
-        return [row[:n].tolist() for row, n in zip(labels, lengths.tolist())]
-
-    def _pad(self, rows, value) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor([len(r) for r in rows])
-        width = int(lengths.max()) if len(rows) else 0
+        ids = [e["input_ids"] for e in examples]
+        labels = [e["labels"] for e in examples] if "labels" in examples[0] else self.labels_for(ids)
+        lengths = torch.tensor([len(r) for r in ids])
+        width = int(lengths.max())
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        out = torch.full((len(rows), width), value, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        return out, lengths
+        return {
+            "input_ids": _pad(ids, width, self.pad_id),
+            "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
+            "labels": _pad(labels, width, IGNORE_INDEX),
+        }
 
-    def _mask(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Vectorised: a token is trained when the last turn event before it is an assistant header."""
-        batch, width = input_ids.shape
-        k = len(self.response_ids)
-        starts = torch.zeros(batch, width + 1, dtype=torch.bool)  # first token after an assistant header
-        if width >= k:
-            header_at = torch.ones(batch, width - k + 1, dtype=torch.bool)
-            for j, token in enumerate(self.response_ids.tolist()):
-                header_at &= input_ids[:, j: width - k + 1 + j] == token
-            starts[:, k:] = header_at
-        stops = torch.zeros(batch, width + 1, dtype=torch.bool)  # first token after an end-of-turn
-        stops[:, 1:] = input_ids == self.end_id
-        position = torch.arange(width + 1)
-        last_start = torch.where(starts, position, -1).cummax(dim=1).values
-        last_stop = torch.where(stops, position, -1).cummax(dim=1).values
-        trained = (last_start > last_stop)[:, :width] & valid
-        return torch.where(trained, input_ids, IGNORE_INDEX)
+    def labels_for(self, input_ids: list[list[int]]) -> list[list[int]]:
+        """Labels for unpadded sequences, computed on them all at once (flattened, no padding)."""
+        if not input_ids:
+            return []
+        lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        flat = np.fromiter(itertools.chain.from_iterable(input_ids), dtype=np.int64, count=int(lengths.sum()))
+        trained = assistant_token_mask(flat, lengths, self.response_ids, self.end_id)
+        labels = np.where(trained, flat, IGNORE_INDEX)
+        return [row.tolist() for row in np.split(labels, np.cumsum(lengths)[:-1])]
+
+
+def assistant_token_mask(flat: np.ndarray, lengths: np.ndarray, response_ids: np.ndarray, end_id: int) -> np.ndarray:
+    """True on the tokens to train in concatenated sequences: a token is trained when the last turn event
+    before it is the end of an assistant header (not an end-of-turn token, not a sequence start)."""
+    n, k = len(flat), len(response_ids)
+    position = np.arange(n + 1)
+    seq_starts = np.cumsum(lengths) - lengths
+    starts = np.zeros(n + 1, dtype=bool)  # first token after an assistant header
+    if n >= k:
+        header = np.ones(n - k + 1, dtype=bool)
+        for j, token in enumerate(response_ids):
+            header &= flat[j: n - k + 1 + j] == token
+        sequence = np.repeat(np.arange(len(lengths)), lengths)
+        header &= sequence[: n - k + 1] == sequence[k - 1:]  # a header never spans two sequences
+        starts[k:] = header
+    stops = np.zeros(n + 1, dtype=bool)  # first token after an end-of-turn, and every sequence start
+    stops[1:] = flat == end_id
+    stops[seq_starts] = True
+    last_start = np.maximum.accumulate(np.where(starts, position, -1))
+    last_stop = np.maximum.accumulate(np.where(stops, position, -1))
+    return (last_start > last_stop)[:n]
+
+
+def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
