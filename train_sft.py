@@ -29,6 +29,7 @@ logger = logging.getLogger("train_sft")
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 DPO_SECTIONS = ("ref_name", "dpo_training", "risk_test", "beta_update", "margin_log")  # read by the DPO stage only
 
 
@@ -69,6 +70,10 @@ class SFTTrainingConfig:
     weight_decay: float = field(default=0.0, metadata=_check(min=0))
     max_grad_norm: float = field(default=1.0, metadata=_check(above=0))
     gradient_checkpointing: bool = False
+    packing: bool = False  # BFD-pack conversations into full rows (padding-free); default: length-grouped batches
+    attn_implementation: str | None = field(default=None, metadata=_check(choices=ATTENTION))  # None: sdpa
+    use_liger_kernel: bool = False  # Liger's Triton kernels (GPU, needs liger-kernel)
+    torch_compile: bool = False
     log_steps: int = field(default=10, metadata=_check(min=1))
     eval_steps: int | None = field(default=None, metadata=_check(min=1))  # None: same as save_steps
     save_steps: int = field(default=500, metadata=_check(min=1))
@@ -195,10 +200,32 @@ def check_before_loading(cfg: Config) -> None:
     if train.push_to_hub:
         if not train.hub_model_id or not re.fullmatch(r"[\w.-]+/[\w.-]+", train.hub_model_id):
             raise ConfigError(f"sft_training.hub_model_id: expected 'owner/name', got {train.hub_model_id!r}")
+    if train.use_liger_kernel:
+        _require("liger_kernel", "sft_training.use_liger_kernel: true needs liger-kernel (pip install liger-kernel)")
+        _require_gpu("sft_training.use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton)")
+    if train.attn_implementation in ("flash_attention_2", "flash_attention_3"):
+        package = "flash_attn" if train.attn_implementation == "flash_attention_2" else "flash_attn_interface"
+        _require(package, f"sft_training.attn_implementation: {train.attn_implementation} needs the {package} "
+                          "package (or use sdpa)")
+        _require_gpu(f"sft_training.attn_implementation: {train.attn_implementation} needs a CUDA GPU")
     name = cfg.dataset.dataset_name
     looks_local = name.startswith((".", "/", "~")) or name.endswith((".jsonl", ".gz", ".json", ".parquet"))
     if looks_local and not os.path.exists(name):
         raise ConfigError(f"dataset.dataset_name: no such file or folder: {name}")
+
+
+def _require(module: str, message: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(message)
+
+
+def _require_gpu(message: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,7 +257,7 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_model(name: str, precision: str):
+def load_model(name: str, attn_implementation: str | None = None):
     """Load the policy with fp32 master weights; bf16/fp16 run as autocast in the trainer.
 
     Pure-bf16 weights would make AdamW drop every update smaller than ~0.4% of a weight: at an SFT
@@ -239,7 +266,7 @@ def load_model(name: str, precision: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=attn_implementation)
     model.config.use_cache = False  # no KV cache while training; turned back on in the saved config
     return model
 
@@ -287,6 +314,11 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1, report_to: list[str] |
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        packing=t.packing,  # TRL: padding-free BFD batches (position_ids, no attention_mask)
+        remove_unused_columns=False,  # keep `length` for our sampler; our columns are exactly what is needed
+        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, labelled, truncated (and packed) by us
+        use_liger_kernel=t.use_liger_kernel,
+        torch_compile=t.torch_compile,
         logging_steps=t.log_steps,
         logging_first_step=True,
         eval_strategy="steps",
@@ -310,16 +342,24 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1, report_to: list[str] |
 
 
 def make_trainer_class():
-    """SFTTrainer plus `eval_accuracy`: next-token accuracy over ALL assistant tokens of the eval set.
+    """SFTTrainer plus two things it lacks:
 
-    TRL logs `eval_mean_token_accuracy`, a mean of per-batch accuracies (short batches weigh as much as
-    long ones); this weighs every assistant token once.
+    - `eval_accuracy`: next-token accuracy over ALL assistant tokens of the eval set. TRL logs
+      `eval_mean_token_accuracy`, a mean of per-batch accuracies (short batches weigh as much as long ones).
+    - length-grouped training batches (`LengthGroupedSampler`) whenever the dataset has a `length` column.
     """
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
         _eval_hits = 0.0
         _eval_tokens = 0
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if "length" not in getattr(dataset, "column_names", ()):
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size,
+                                        seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -337,6 +377,41 @@ def make_trainer_class():
             super().log(logs, start_time)
 
     return Trainer
+
+
+class LengthGroupedSampler:
+    """Batches of whole conversations of similar length, in random order (the default, non-packing path).
+
+    Random megabatches of 50 batches are sorted by length and cut into batches; the full batches of each
+    megabatch are then shuffled (a short tail batch goes last, so batch boundaries never shift). Ours rather
+    than transformers' `group_by_length`, which caps a megabatch at a quarter of the data (93% padding
+    efficiency on 1.5k HH conversations, 97% here) and leaves each megabatch's batches in descending length
+    order. The order depends only on seed and epoch, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, megabatch: int = 50):
+        self.lengths, self.batch_size, self.megabatch = list(lengths), batch_size, megabatch
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.batch_size * self.megabatch
+        for begin in range(0, len(order), size):
+            group = sorted(order[begin: begin + size], key=self.lengths.__getitem__, reverse=True)
+            batches = [group[i: i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+            tail = batches.pop() if len(batches[-1]) < self.batch_size else []
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                yield from batches[b]
+            yield from tail
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,19 +501,19 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
-    train_data, eval_data = split["train"].remove_columns("messages"), split["test"].remove_columns("messages")
+    train_data, eval_data = (batches_ready(split[s], t.packing, t.max_length) for s in ("train", "test"))
 
     # --- model ----------------------------------------------------------------------------------------------
-    model = load_model(cfg.policy_name, cfg.precision)
+    model = load_model(cfg.policy_name, t.attn_implementation)
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # --- trainer --------------------------------------------------------------------------------------------
     sft_config = build_sft_config(cfg, max_steps=10 if args.dry_run else -1)
     trainer = make_trainer_class()(
-        model=model, args=sft_config, data_collator=collator, processing_class=tokenizer,
+        model=model, args=sft_config, data_collator=None if t.packing else collator, processing_class=tokenizer,
         train_dataset=train_data, eval_dataset=eval_data,
     )
-    print_start_summary(cfg, trainer, report, len(train_data), len(eval_data))
+    print_start_summary(cfg, trainer, report, split, len(train_data))
 
     # --- train ----------------------------------------------------------------------------------------------
     train_result = trainer.train()
@@ -464,22 +539,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def batches_ready(data, packing: bool, max_length: int):
+    """Columns the trainer reads: `input_ids`, `labels` and `length` (length-grouped sampling), or with
+    packing, rows of up to max_length tokens made by TRL's best-fit-decreasing packer (`seq_lengths` marks
+    where each conversation starts, so none attends to another)."""
+    from trl.data_utils import pack_dataset
+
+    if not packing:
+        return data.select_columns(["input_ids", "labels", "length"])
+    return pack_dataset(data.select_columns(["input_ids", "labels"]), max_length, "bfd")
+
+
 def _just_evaluated(trainer) -> bool:
     history = trainer.state.log_history
     last_eval = max((h["step"] for h in history if "eval_loss" in h), default=-1)
     return last_eval == trainer.state.global_step
 
 
-def print_start_summary(cfg: Config, trainer, report, n_train: int, n_eval: int) -> None:
+def print_start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> None:
     t = cfg.sft_training
     world = trainer.args.world_size
     global_batch = t.batch_size * t.gradient_accumulation * world
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else \
-        math.ceil(n_train / global_batch) * math.ceil(t.epochs)
+        math.ceil(math.ceil(n_train_rows / global_batch) * t.epochs)
+    rows = f" packed into {n_train_rows} rows of <= {t.max_length} tokens" if t.packing else ""
     print(f"SFT of {cfg.policy_name} ({cfg.precision}) on {cfg.dataset.dataset_name} [{cfg.dataset.subset}]\n"
           f"  data: {report.summary()}\n"
-          f"  train {n_train} / eval {n_eval} conversations, max_length {t.max_length}\n"
-          f"  global batch {global_batch} = batch_size {t.batch_size} x gradient_accumulation "
+          f"  train {len(split['train'])} / eval {len(split['test'])} conversations{rows}, "
+          f"max_length {t.max_length}, {'packing' if t.packing else 'length-grouped batches'}\n"
+          f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x gradient_accumulation "
           f"{t.gradient_accumulation} x {world} process(es); ~{steps} optimizer steps\n"
           f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from wandb_records import history
@@ -68,10 +69,12 @@ def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(tmp_path,
     assert logged["eval/accuracy"][-1] == metrics["eval_accuracy"]
 
 
-def test_dry_run_prints_checks_and_saves_apart(tmp_path, base_model_dir):
-    out = run(["--config", str(write_config(tmp_path, base_model_dir, wandb_project="would-log")), "--dry-run"],
-              tmp_path)
+@pytest.mark.parametrize("packing", [False, True])
+def test_dry_run_prints_checks_and_saves_apart(tmp_path, base_model_dir, packing):
+    config = write_config(tmp_path, base_model_dir, wandb_project="would-log", packing=packing)
+    out = run(["--config", str(config), "--dry-run"], tmp_path)
     assert "Dry-run checks:" in out and "FAIL" not in out
+    assert ("packed into" in out) == packing
     state = json.loads((tmp_path / "sft_out_dry_run" / "trainer_state.json").read_text())
     assert state["global_step"] == 10
     assert any("eval_accuracy" in h for h in state["log_history"])

