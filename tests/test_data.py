@@ -1,5 +1,6 @@
 """Loading HH rows from local files, and the build report on the shipped sample."""
 
+import functools
 import gzip
 import json
 
@@ -63,3 +64,26 @@ def test_without_a_tokenizer_only_messages_are_built():
     data, report = build_sft_dataset(Dataset.from_list(ROWS + [{"chosen": None, "rejected": None}]),
                                      return_report=True)
     assert data.column_names == ["messages"] and report.dropped == {"chosen_not_a_string": 1}
+
+
+def test_second_build_of_the_same_file_reuses_the_cache(tmp_path, llama32_tokenizer, monkeypatch):
+    """A second run with the same data and settings skips tokenization (datasets' fingerprint cache)."""
+    import datasets
+
+    path = write(tmp_path / "hh.jsonl", "jsonl")
+    calls = []
+    original = datasets.Dataset._map_single
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        yield from original(*args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "_map_single", staticmethod(counted))
+    first = build_sft_dataset(load_raw_dataset(str(path), "train"), llama32_tokenizer, max_length=64)
+    assert calls
+    calls.clear()
+    second = build_sft_dataset(load_raw_dataset(str(path), "train"), llama32_tokenizer, max_length=64)
+    assert not calls and second["input_ids"] == first["input_ids"]
+    build_sft_dataset(load_raw_dataset(str(path), "train"), llama32_tokenizer, max_length=32)
+    assert calls  # another max_length is another cache entry
