@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -200,6 +202,9 @@ def check_before_loading(cfg: Config) -> None:
     if train.push_to_hub:
         if not train.hub_model_id or not re.fullmatch(r"[\w.-]+/[\w.-]+", train.hub_model_id):
             raise ConfigError(f"sft_training.hub_model_id: expected 'owner/name', got {train.hub_model_id!r}")
+        if not hub_token():
+            raise ConfigError("sft_training.push_to_hub: true, but there is no Hugging Face token (set HF_TOKEN or "
+                              "run `huggingface-cli login`), so the push would fail after training")
     if train.use_liger_kernel:
         _require("liger_kernel", "sft_training.use_liger_kernel: true needs liger-kernel (pip install liger-kernel)")
         _require_gpu("sft_training.use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton)")
@@ -226,6 +231,152 @@ def _require_gpu(message: str) -> None:
 
     if not torch.cuda.is_available():
         raise ConfigError(message)
+
+
+def hub_token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def redact(text: str) -> str:
+    """Text with any credential from the environment masked (error messages can echo request headers)."""
+    secrets = [os.environ.get(k) for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")]
+    for secret in filter(None, [*secrets, hub_token()]):
+        text = text.replace(secret, "***")
+    return text
+
+
+def load_pretrained(kind: str, name: str, split: str | None = None):
+    """Load the tokenizer or the raw dataset; any failure becomes a one-line ConfigError."""
+    try:
+        if kind == "tokenizer":
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(name)
+        import data_process_sft as dp
+
+        return dp.load_raw_dataset(name, split)
+    except Exception as e:  # noqa: BLE001 (hub, file and format errors alike: one line, exit 2)
+        hint = (" If it is a gated model (Llama), accept its licence on the Hub and run `huggingface-cli login` "
+                "or set HF_TOKEN." if kind == "tokenizer" else "")
+        first_line = redact(str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load the {kind} {name}: {first_line}.{hint}") from None
+
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+FINAL_FILES = ("model.safetensors", "config.json", "generation_config.json", "metrics.json", "trainer_state.json")
+
+
+def checkpoint_step(path: str) -> int:
+    return int(CHECKPOINT.match(os.path.basename(path)).group(1))
+
+
+def _is_complete(checkpoint: str) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(save_dir: str) -> str | None:
+    if not os.path.isdir(save_dir):
+        return None
+    found = [os.path.join(save_dir, d) for d in os.listdir(save_dir) if CHECKPOINT.match(d)]
+    complete = [c for c in found if _is_complete(c)]
+    return max(complete, key=checkpoint_step) if complete else None
+
+
+def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:
+    """The checkpoint to resume from (None: start fresh). Never trains silently over a finished model;
+    removes checkpoints a killed run left half-written, so they are never mistaken for complete ones."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        probe = os.path.join(save_dir, ".write-test")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"sft_training.save_dir: {save_dir} is not writable ({e.strerror})") from None
+    checkpoints = [os.path.join(save_dir, d) for d in os.listdir(save_dir) if CHECKPOINT.match(d)]
+    if overwrite:
+        for path in checkpoints:
+            shutil.rmtree(path)
+        for name in FINAL_FILES:
+            if os.path.exists(os.path.join(save_dir, name)):
+                os.remove(os.path.join(save_dir, name))
+        return None
+    if os.path.exists(os.path.join(save_dir, "model.safetensors")):
+        raise ConfigError(f"{save_dir} already holds a finished model; pass --overwrite to train over it, or set "
+                          "another sft_training.save_dir")
+    for path in checkpoints:
+        if not _is_complete(path):
+            print(f"Removing incomplete checkpoint {path} (the run was killed while writing it)")
+            shutil.rmtree(path)
+    return last_complete_checkpoint(save_dir)
+
+
+def check_disk_space(cfg: Config) -> None:
+    """Enough free disk for one checkpoint and the final model, estimated from the parameter count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(cfg.policy_name)
+    except Exception:  # noqa: BLE001 (reported when the tokenizer or model load fails, with a clearer message)
+        return
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
+    # fp32 weights (+ AdamW's two fp32 moments unless save_only_model), and the final weights in `precision`
+    per_param = (4 if cfg.sft_training.save_only_model else 12) + (2 if cfg.precision in ("bf16", "fp16") else 4)
+    need = params * per_param
+    free = shutil.disk_usage(cfg.sft_training.save_dir).free
+    if free < need:
+        raise ConfigError(f"sft_training.save_dir: {free / 2**30:.1f} GiB free, a checkpoint and the final model "
+                          f"of {params / 1e9:.2f}B parameters need ~{need / 2**30:.1f} GiB")
+
+
+def wandb_has_key() -> bool:
+    """A W&B API key in the environment or ~/.netrc (read without contacting W&B)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def start_wandb(cfg: Config, resume_from: str | None) -> None:
+    """Start the W&B run ourselves (the HF integration then reuses it) so that it never prompts or hangs:
+    no API key or no network means offline logging, said in one line. A resumed run continues its W&B run."""
+    t = cfg.sft_training
+    if not t.wandb_project or int(os.environ.get("RANK", "0")) != 0:
+        return
+    import wandb
+
+    sync_hint = "sync it later with: wandb sync wandb/offline-run-*"
+    if os.environ.get("WANDB_MODE") != "offline" and not wandb_has_key():
+        print(f"W&B: no API key (WANDB_API_KEY or `wandb login`), logging offline; {sync_hint}")
+        os.environ["WANDB_MODE"] = "offline"
+    id_file = os.path.join(t.save_dir, "wandb_run_id")
+    run_id = open(id_file, encoding="utf-8").read().strip() if resume_from and os.path.exists(id_file) else None
+    init = dict(project=t.wandb_project, name=t.run_name, config=dataclasses.asdict(cfg), id=run_id,
+                resume="allow" if run_id else None)
+    try:
+        run = wandb.init(**init, settings=wandb.Settings(init_timeout=90))
+    except Exception as e:  # noqa: BLE001 (network, auth or server trouble: keep training, log offline)
+        print(f"W&B unreachable ({type(e).__name__}), logging offline; {sync_hint}")
+        os.environ["WANDB_MODE"] = "offline"
+        run = wandb.init(**init, mode="offline")
+    with open(id_file, "w", encoding="utf-8") as f:
+        f.write(run.id)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,18 +492,60 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1, report_to: list[str] |
     )
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; raised before the optimizer step, so no checkpoint holds the damage."""
+
+
 def make_trainer_class():
-    """SFTTrainer plus two things it lacks:
+    """SFTTrainer plus what a long unattended run needs and TRL lacks:
 
     - `eval_accuracy`: next-token accuracy over ALL assistant tokens of the eval set. TRL logs
       `eval_mean_token_accuracy`, a mean of per-batch accuracies (short batches weigh as much as long ones).
     - length-grouped training batches (`LengthGroupedSampler`) whenever the dataset has a `length` column.
+    - SIGTERM/SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint and stop; `stopped_by`
+      names the signal. A second signal ends the process at once. (transformers' JIT checkpoint handles
+      SIGTERM only, and saves in the middle of a step.)
+    - a NaN/inf loss stops the run with `NonFiniteLoss` naming the step.
     """
+    import torch
+    from transformers import TrainerCallback
     from trl import SFTTrainer
+
+    class SaveAndStopOnSignal(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.trainer.stopped_by:
+                control.should_save = control.should_training_stop = True
 
     class Trainer(SFTTrainer):
         _eval_hits = 0.0
         _eval_tokens = 0
+        stopped_by: str | None = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(SaveAndStopOnSignal(self))
+
+        def train(self, *args, **kwargs):
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def _on_signal(self, signum, frame):
+            self.stopped_by = signal.Signals(signum).name
+            signal.signal(signum, signal.SIG_DFL)
+            logger.warning("%s received: saving a checkpoint after this step, then stopping", self.stopped_by)
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLoss(f"the training loss became {loss.item()} at step {self.state.global_step + 1}")
+            return loss
 
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -419,21 +612,29 @@ class LengthGroupedSampler:
 # ----------------------------------------------------------------------------------------------------------------
 def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     """Save weights in the run's precision, the tokenizer with its template and pad token, and a generation
-    config that stops at <|eot_id|> (the base model stops only at <|end_of_text|>)."""
+    config that stops at <|eot_id|> (the base model stops only at <|end_of_text|>).
+
+    Atomic per file: written to a temporary folder, then each file renamed into save_dir, so a crash while
+    saving leaves the previous files whole, never a half-written model.safetensors."""
     import torch
 
     model = trainer.model
     model.config.use_cache = True
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    eos = [i for i in dict.fromkeys([eot, tokenizer.eos_token_id]) if i is not None]
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = [i for i in dict.fromkeys([eot, tokenizer.eos_token_id]) if i is not None]
+    model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is not None:
         model.to(dtype)
-    trainer.save_model(save_dir)  # model + processing_class (tokenizer, chat_template.jinja)
+    staging = os.path.join(save_dir, ".final-model-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)  # model + processing_class (tokenizer, chat_template.jinja); main process only
+    if trainer.is_world_process_zero():
+        for name in sorted(os.listdir(staging), key=lambda n: n == "model.safetensors"):  # weights last
+            os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
+        shutil.rmtree(staging)
+    trainer.save_state()  # trainer_state.json: every logged number
 
 
 def push_final_model(trainer, hub_model_id: str) -> None:
@@ -450,6 +651,8 @@ def parse_args(argv):
     parser.add_argument("--config", default="config_dpo.yaml", help="YAML file with an sft_training section")
     parser.add_argument("--dry-run", action="store_true", help="~10 steps on a small slice, no W&B/push, checks")
     parser.add_argument("--demo", action="store_true", help="offline demo: tiny local Llama + shipped sample")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start fresh: delete save_dir's checkpoints instead of resuming, train over a saved model")
     return parser.parse_args(argv)
 
 
@@ -458,7 +661,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.time()
 
-    # --- config ---------------------------------------------------------------------------------------------
+    # --- config and pre-flight: every failure here is one line and exit 2, before any model is loaded ------
     try:
         if args.demo:
             args.config = demo_config_path()
@@ -468,37 +671,28 @@ def main(argv=None) -> int:
         if args.dry_run:
             cfg = dry_run_config(cfg)
         check_before_loading(cfg)
+        t = cfg.sft_training
+        resume_from = prepare_save_dir(t.save_dir, overwrite=args.overwrite or args.dry_run or args.demo)
+        check_disk_space(cfg)
+
+        # --- tokenizer --------------------------------------------------------------------------------------
+        import data_process_sft as dp
+
+        tokenizer = prepare_tokenizer(load_pretrained("tokenizer", cfg.policy_name))
+
+        # --- data -------------------------------------------------------------------------------------------
+        raw = load_pretrained("dataset", cfg.dataset.dataset_name, cfg.dataset.subset)
+        if "chosen" not in raw.column_names:
+            raise ConfigError(f"dataset {cfg.dataset.dataset_name} has no 'chosen' column")
+        if args.dry_run:
+            raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
+        collator = dp.CompletionOnlyCollator(tokenizer)
+        data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length, num_proc=t.dataset_num_proc,
+                                            collator=collator, return_report=True)
+        if len(data) < 2:
+            raise ConfigError(f"fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    t = cfg.sft_training
-    if t.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
-
-    # --- tokenizer ------------------------------------------------------------------------------------------
-    from transformers import AutoTokenizer
-
-    import data_process_sft as dp
-
-    try:
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.policy_name))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    # --- data -----------------------------------------------------------------------------------------------
-    raw = dp.load_raw_dataset(cfg.dataset.dataset_name, cfg.dataset.subset)
-    if "chosen" not in raw.column_names:
-        print(f"error: dataset {cfg.dataset.dataset_name} has no 'chosen' column", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
-    collator = dp.CompletionOnlyCollator(tokenizer)
-    data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length, num_proc=t.dataset_num_proc,
-                                        collator=collator, return_report=True)
-    if len(data) < 2:
-        print(f"error: fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})",
-              file=sys.stderr)
         return 2
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
     train_data, eval_data = (batches_ready(split[s], t.packing, t.max_length) for s in ("train", "test"))
@@ -509,19 +703,33 @@ def main(argv=None) -> int:
 
     # --- trainer --------------------------------------------------------------------------------------------
     sft_config = build_sft_config(cfg, max_steps=10 if args.dry_run else -1)
+    start_wandb(cfg, resume_from)
     trainer = make_trainer_class()(
         model=model, args=sft_config, data_collator=None if t.packing else collator, processing_class=tokenizer,
         train_dataset=train_data, eval_dataset=eval_data,
     )
     print_start_summary(cfg, trainer, report, split, len(train_data))
+    if resume_from:
+        print(f"Resuming from {resume_from} (step {checkpoint_step(resume_from)}); --overwrite starts fresh")
 
     # --- train ----------------------------------------------------------------------------------------------
-    train_result = trainer.train()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+    except NonFiniteLoss as e:
+        last = last_complete_checkpoint(t.save_dir)
+        print(f"error: {e}; stopped. Last good checkpoint: {last or 'none'}. Lower learning_rate or check the "
+              "data, then run the same command (it resumes from that checkpoint) or add --overwrite.",
+              file=sys.stderr)
+        return 1
+    if trainer.stopped_by:
+        print(f"Stopped by {trainer.stopped_by} at step {trainer.state.global_step}; checkpoint saved in "
+              f"{last_complete_checkpoint(t.save_dir)}. Resume with the same command: "
+              f"python {' '.join(sys.argv)}", file=sys.stderr)
+        return 128 + signal.Signals[trainer.stopped_by].value
     final_eval = trainer.evaluate() if args.dry_run or not _just_evaluated(trainer) else {}
 
     # --- save -----------------------------------------------------------------------------------------------
     save_final_model(trainer, tokenizer, t.save_dir, cfg.precision)
-    trainer.save_state()
     metrics = write_metrics(cfg, trainer, report, train_result, final_eval, time.time() - start)
     print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
     print(f"  train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
@@ -529,7 +737,13 @@ def main(argv=None) -> int:
 
     # --- push -----------------------------------------------------------------------------------------------
     if t.push_to_hub and trainer.is_world_process_zero():
-        push_final_model(trainer, t.hub_model_id)
+        try:
+            push_final_model(trainer, t.hub_model_id)
+        except Exception as e:  # noqa: BLE001 (any failure: the local model is saved, say how to push later)
+            print(f"error: push to {t.hub_model_id} failed ({type(e).__name__}: {redact(str(e)).splitlines()[0]}). "
+                  f"The model is saved in {os.path.abspath(t.save_dir)}; push it later with: "
+                  f"huggingface-cli upload {t.hub_model_id} {t.save_dir} .", file=sys.stderr)
+            return 1
         print(f"Pushed to https://huggingface.co/{t.hub_model_id}")
 
     if args.dry_run:
