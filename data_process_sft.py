@@ -9,6 +9,7 @@ The pieces, in the order the training script uses them:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+SOURCE_HASH = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:16]  # see _convert_batch
 LLAMA3_ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 LLAMA3_END_OF_TURN = "<|eot_id|>"
 
@@ -98,18 +100,23 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     assistant_tokens: int = 0
+    truncated: int = 0  # rows cut to max_length (kept: some assistant tokens remain)
+    length_percentiles: dict[str, int] = field(default_factory=dict)
+    assistant_turns_mean: float = 0.0
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
         line = f"rows read {self.rows_read}, kept {self.rows_kept}, dropped: {drops}"
         if self.tokens:
-            line += f"; tokens {self.tokens}, trained (assistant) tokens {self.assistant_tokens}"
+            line += (f"; tokens {self.tokens}, trained (assistant) tokens {self.assistant_tokens} "
+                     f"({self.assistant_tokens / self.tokens:.0%}), rows cut to max_length {self.truncated}")
         return line
 
 
 def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_proc: int | None = None,
                       collator: CompletionOnlyCollator | None = None, return_report: bool = False):
-    """HH rows (`chosen` column) -> a `messages` column, plus `input_ids`, `labels` and `length` with a tokenizer.
+    """HH rows (`chosen` column) -> a `messages` column; with a tokenizer also `input_ids`, `labels`, `length`
+    and `num_trained` (assistant tokens per row).
 
     Drops rows whose `chosen` is not a string or has no assistant turn, trailing user turns, and (with a
     tokenizer and `max_length`) rows whose every assistant token was cut away by truncation, so no batch
@@ -122,29 +129,45 @@ def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_
         batched=True,
         num_proc=num_proc,
         remove_columns=ds.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "collator": collator},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "collator": collator, "code": SOURCE_HASH},
         desc="Parsing HH" + (" and tokenizing" if tokenizer is not None else ""),
     )
+    return _keep_and_report(mapped, tokenized=tokenizer is not None, return_report=return_report, what="SFT")
+
+
+def _keep_and_report(mapped, *, tokenized: bool, return_report: bool, what: str):
+    """Drop the rows that have a drop_reason, count them, log the report."""
     table = mapped.data  # fresh map output: plain Arrow columns, read whole (a row-wise read is ~50x slower)
     reasons = table.column("drop_reason").to_pylist()
     keep = np.array([not r for r in reasons], dtype=bool)
     report = DataReport(rows_read=len(reasons), rows_kept=int(keep.sum()),
                         dropped=dict(Counter(r for r in reasons if r)))
     kept = mapped.select(np.flatnonzero(keep)).remove_columns("drop_reason")
-    if tokenizer is not None:
-        report.tokens = int(table.column("length").to_numpy()[keep].sum())
+    if tokenized:
+        lengths = table.column("length").to_numpy()[keep]
+        report.tokens = int(lengths.sum())
         report.assistant_tokens = int(table.column("num_trained").to_numpy()[keep].sum())
-        kept = kept.remove_columns("num_trained")
-    logger.info("SFT data: %s", report.summary())
+        report.truncated = int(table.column("truncated").to_numpy()[keep].sum())
+        if len(lengths):
+            report.length_percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+        turns = table.column("assistant_turns").to_numpy()[keep]
+        report.assistant_turns_mean = round(float(turns.mean()), 2) if len(turns) else 0.0
+        kept = kept.remove_columns(["truncated", "assistant_turns"])
+    logger.info("%s data: %s", what, report.summary())
     return (kept, report) if return_report else kept
 
 
-def _convert_batch(batch, tokenizer, max_length, collator):
+def _convert_batch(batch, tokenizer, max_length, collator, code):
+    """`code` (this file's hash) is only part of the `datasets` cache key: datasets keys a module-level
+    function by its name, so without it a changed parser would silently reuse old cached results."""
     converted = [hh_to_sft_messages(chosen) for chosen in batch["chosen"]]
     out = {"messages": [m for m, _ in converted], "drop_reason": [r for _, r in converted]}
     if tokenizer is None:
         return out
-    input_ids = [ids[:max_length] for ids in tokenize_conversations(tokenizer, out["messages"])]
+    full = tokenize_conversations(tokenizer, out["messages"])
+    input_ids = [ids[:max_length] for ids in full]
+    out["truncated"] = [len(ids) > len(cut) for ids, cut in zip(full, input_ids)]
+    out["assistant_turns"] = [sum(m["role"] == "assistant" for m in conv) for conv in out["messages"]]
     labels = collator.labels_for(input_ids)
     out["input_ids"], out["labels"] = input_ids, labels
     out["length"] = [len(ids) for ids in input_ids]  # read by the length-grouped sampler
@@ -153,6 +176,42 @@ def _convert_batch(batch, tokenizer, max_length, collator):
         reason or ("reply_truncated_away" if trained == 0 else "")
         for reason, trained in zip(out["drop_reason"], out["num_trained"])
     ]
+    return out
+
+
+def build_dpo_dataset(ds, *, num_proc: int | None = None, return_report: bool = False):
+    """HH preference rows (`chosen`, `rejected`) -> conversational rows for TRL's DPOTrainer:
+    `prompt` (the messages up to the last user turn), `chosen` and `rejected` (each one assistant message).
+
+    Parsed with the same parser as SFT, so the DPO stage scores the format the SFT model learned (the chat
+    template is applied by DPOTrainer). Dropped and counted: non-string fields, rows whose chosen and
+    rejected do not share the conversation before the final reply, and rows with an empty final reply.
+    """
+    mapped = ds.map(_dpo_batch, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
+                    fn_kwargs={"code": SOURCE_HASH}, desc="Parsing HH preference pairs")
+    return _keep_and_report(mapped, tokenized=False, return_report=return_report, what="DPO")
+
+
+def _dpo_batch(batch, code):  # `code`: part of the cache key, see _convert_batch
+    out = {"prompt": [], "chosen": [], "rejected": [], "drop_reason": []}
+    for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
+        prompt, reply, reason = [], [], ""
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            reason = "not_a_string"
+        else:
+            good, bad = parse_hh_to_messages(chosen), parse_hh_to_messages(rejected)
+            if not good or not bad or good[-1]["role"] != "assistant" or bad[-1]["role"] != "assistant":
+                reason = "empty_final_reply"
+            elif good[:-1] != bad[:-1]:
+                reason = "prompts_differ"
+            elif not good[:-1]:
+                reason = "no_prompt"
+            else:
+                prompt, reply = good[:-1], [good[-1], bad[-1]]
+        out["prompt"].append(prompt)
+        out["chosen"].append(reply[:1])
+        out["rejected"].append(reply[1:])
+        out["drop_reason"].append(reason)
     return out
 
 
@@ -280,3 +339,63 @@ def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python data_process_sft.py --config config_dpo.yaml --inspect [-n 3]
+# ----------------------------------------------------------------------------------------------------------------
+def render_trained(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
+    """The text the model sees, trained tokens in green (terminal) or [[double brackets]] (piped)."""
+    pieces = []
+    for trained, group in itertools.groupby(zip(input_ids, labels), key=lambda p: p[1] != IGNORE_INDEX):
+        text = tokenizer.decode([token for token, _ in group])
+        pieces.append((f"\x1b[1;32m{text}\x1b[0m" if color else f"[[{text}]]") if trained else text)
+    return "".join(pieces)
+
+
+def inspect(config_path: str, n: int) -> int:
+    """Print n conversations as the model will see them, then the data report."""
+    import sys
+
+    import train_sft
+
+    try:
+        cfg = train_sft.load_config(config_path)
+        tokenizer = train_sft.prepare_tokenizer(train_sft.load_pretrained("tokenizer", cfg.policy_name))
+        raw = train_sft.load_pretrained("dataset", cfg.dataset.dataset_name, cfg.dataset.subset)
+    except train_sft.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = cfg.sft_training
+    data, report = build_sft_dataset(raw, tokenizer, max_length=t.max_length, num_proc=t.dataset_num_proc,
+                                     return_report=True)
+    color = sys.stdout.isatty()
+    legend = "green" if color else "[[ ]]"
+    for i, row in enumerate(data.select(range(min(n, len(data))))):
+        print(f"\n=== conversation {i + 1}: {len(row['input_ids'])} tokens, {row['num_trained']} trained "
+              f"(in {legend}) ===")
+        print(render_trained(tokenizer, row["input_ids"], row["labels"], color))
+    share = report.assistant_tokens / report.tokens if report.tokens else 0.0
+    print(f"\n=== data report: {cfg.dataset.dataset_name} [{cfg.dataset.subset}], max_length {t.max_length} ===")
+    print(f"rows read {report.rows_read}, kept {report.rows_kept}")
+    for reason, count in sorted(report.dropped.items()):
+        print(f"  dropped {reason}: {count}")
+    print(f"token length percentiles: {report.length_percentiles} (after truncation)")
+    print(f"rows over max_length (cut): {report.truncated} ({report.truncated / max(report.rows_kept, 1):.1%})")
+    print(f"assistant-token share: {share:.1%} ({report.assistant_tokens} of {report.tokens} tokens trained)")
+    print(f"assistant turns per conversation: {report.assistant_turns_mean}")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Inspect the SFT data as the model will see it.")
+    parser.add_argument("--config", default="config_dpo.yaml")
+    parser.add_argument("--inspect", action="store_true", help="print conversations with trained tokens marked")
+    parser.add_argument("-n", type=int, default=3, help="conversations to print")
+    args = parser.parse_args()
+    if not args.inspect:
+        parser.error("nothing to do: pass --inspect")
+    sys.exit(inspect(args.config, args.n))

@@ -101,3 +101,133 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_non_zero(tmp_path, base_m
     checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").exists()
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, base_model_dir):
+    config = write_config(tmp_path, base_model_dir, learning_rate=1e12, save_steps=1, max_grad_norm=1e12)
+    code, out, err = finish(start(config, tmp_path))
+    assert code == 1, err[-2000:]
+    line = next(line for line in err.splitlines() if line.startswith("error: the training loss became"))
+    step = int(line.split(" at step ")[1].split(";")[0])
+    assert step >= 2 and "Last good checkpoint:" in line
+    last = tmp_path / "out" / f"checkpoint-{step - 1}"
+    assert last.is_dir() and (last / "trainer_state.json").exists()
+    weights = load_file(last / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_wandb_without_key_goes_offline_by_itself_with_stdin_closed(tmp_path, base_model_dir):
+    config = write_config(tmp_path, base_model_dir, wandb_project="no-key-test")
+    environ = {k: v for k, v in env().items() if k != "WANDB_MODE"}
+    environ.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path))  # no ~/.netrc, no stored key
+    code, out, err = finish(start(config, tmp_path, environ), timeout=300)
+    assert code == 0, err[-2000:]
+    assert "W&B: no API key" in out and "wandb sync" in out
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_secrets_are_never_printed_or_written_and_a_failed_push_keeps_the_model(tmp_path, base_model_dir):
+    config = write_config(tmp_path, base_model_dir, wandb_project="secret-test", push_to_hub=True,
+                          hub_model_id="someone/sft-test")
+    environ = env(WANDB_DIR=str(tmp_path), HF_HUB_OFFLINE="1", **SECRETS)
+    code, out, err = finish(start(config, tmp_path, environ))
+    assert code == 1, err[-2000:]
+    assert "push to someone/sft-test failed" in err and "huggingface-cli upload someone/sft-test" in err
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the local model is intact
+    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file()
+             and any(v.encode() in p.read_bytes() for v in SECRETS.values())]
+    assert leaks == []
+    assert not any(v in out + err for v in SECRETS.values())
+
+
+def test_same_seed_and_config_give_the_same_loss_log(tmp_path, base_model_dir):
+    logs = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        code, _, err = finish(start(write_config(folder, base_model_dir), folder, None, "--dry-run"))
+        assert code == 0, err[-2000:]
+        state = json.loads((folder / "out_dry_run" / "trainer_state.json").read_text())
+        logs.append([(h["step"], h["loss"], h["grad_norm"]) for h in state["log_history"] if "loss" in h])
+    assert len(logs[0]) == 10 and logs[0] == logs[1]
+
+
+# --- pre-flight: one line, exit 2, before any model is loaded ------------------------------------------------
+def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"x")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_resume_picks_the_last_complete_checkpoint_and_drops_an_incomplete_one(tmp_path):
+    fake_checkpoint(tmp_path, 3)
+    fake_checkpoint(tmp_path, 6)
+    half = fake_checkpoint(tmp_path, 9, complete=False)  # killed while writing
+    assert prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-6")
+    assert not half.exists()
+
+
+def test_finished_model_is_never_trained_over_silently(tmp_path):
+    fake_checkpoint(tmp_path, 3)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="already holds a finished model; pass --overwrite"):
+        prepare_save_dir(str(tmp_path), overwrite=False)
+    assert prepare_save_dir(str(tmp_path), overwrite=True) is None
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "model.safetensors").exists()
+
+
+def cli(config, *args, environ=None):
+    return subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--config", str(config), *args],
+                          capture_output=True, text=True, env=environ or env(), timeout=300)
+
+
+@pytest.mark.parametrize("case", ["unwritable", "push_without_token", "finished_model", "no_chosen", "empty"])
+def test_preflight_failures_are_one_line_exit_2(tmp_path, base_model_dir, case):
+    sft, environ = {}, env()
+    if case == "unwritable":
+        (tmp_path / "a_file").write_text("")
+        sft["save_dir"] = str(tmp_path / "a_file" / "out")
+    elif case == "push_without_token":
+        sft.update(push_to_hub=True, hub_model_id="someone/x")
+        environ = {**env(HOME=str(tmp_path)), "HF_TOKEN": ""}
+    elif case == "finished_model":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "model.safetensors").write_bytes(b"x")
+    config = write_config(tmp_path, base_model_dir, **sft)
+    if case in ("no_chosen", "empty"):
+        data = tmp_path / "data.jsonl"
+        data.write_text('{"text": "hi"}\n' if case == "no_chosen" else '{"chosen": "\\n\\nHuman: only a question"}\n')
+        raw = yaml.safe_load(config.read_text())
+        raw["dataset"].update(dataset_name=str(data), subset="train")
+        config.write_text(yaml.safe_dump(raw))
+    result = cli(config, environ=environ)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    if case in ("no_chosen", "empty"):  # found while reading the data: its progress lines come first
+        lines = [line for line in lines if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_disk_space_check_names_what_is_needed(tmp_path, base_model_dir, monkeypatch):
+    cfg = train_sft.load_config(str(write_config(tmp_path, base_model_dir)))
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(train_sft.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    with pytest.raises(ConfigError, match=r"GiB free, a checkpoint and the final model of 0\.00B parameters need"):
+        train_sft.check_disk_space(cfg)
+
+
+def test_tokenizer_without_llama3_chat_tokens_is_refused():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<s>": 1}, unk_token="a")),
+                                   bos_token="<s>", eos_token="<s>", pad_token="a")
+    with pytest.raises(ConfigError, match="lacks the Llama-3 chat tokens"):
+        train_sft.prepare_tokenizer(bare)
