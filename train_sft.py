@@ -66,6 +66,7 @@ class SFTTrainingConfig:
     eval_batch_size: int = field(default=16, metadata=_check(min=1))
     epochs: float = field(default=1.0, metadata=_check(above=0))
     gradient_accumulation: int = field(default=1, metadata=_check(min=1))
+    global_batch_size: int | None = field(default=None, metadata=_check(min=1))  # sets gradient_accumulation
     max_length: int = field(default=512, metadata=_check(min=8))
     warmup_steps: int = field(default=120, metadata=_check(min=0))
     lr_scheduler_type: str = field(default="cosine", metadata=_check(choices=SCHEDULERS))
@@ -116,6 +117,9 @@ def load_config(path: str) -> Config:
     for key in ("policy_name", "dataset", "sft_training"):
         if key not in raw:
             raise ConfigError(f"{path}: missing required key '{key}'")
+    sft = raw["sft_training"]
+    if isinstance(sft, dict) and sft.get("global_batch_size") is not None and "gradient_accumulation" in sft:
+        raise ConfigError("sft_training: set global_batch_size or gradient_accumulation, not both")
     precision = str(raw.get("precision", "fp32")).lower()
     if precision not in PRECISIONS:
         raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {raw['precision']!r}")
@@ -194,6 +198,21 @@ def _check_range(where: str, value, rule) -> None:
     for key, words, ok in bounds:
         if rule[key] is not None and not ok(value, rule[key]):
             raise ConfigError(f"{where}: must be {words} {rule[key]}, got {value}")
+
+
+def apply_global_batch(cfg: Config) -> Config:
+    """With `global_batch_size`, derive gradient_accumulation from it and the number of processes, so a recipe
+    keeps its hyperparameters when moved from 1 GPU to 8."""
+    t = cfg.sft_training
+    if t.global_batch_size is None:
+        return cfg
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = t.batch_size * world
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"sft_training.global_batch_size: {t.global_batch_size} is not a multiple of batch_size "
+                          f"{t.batch_size} x {world} process(es)")
+    return dataclasses.replace(cfg, sft_training=dataclasses.replace(
+        t, gradient_accumulation=t.global_batch_size // per_step))
 
 
 def check_before_loading(cfg: Config) -> None:
@@ -625,7 +644,7 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is not None:
+    if dtype is not None and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded: as gathered
         model.to(dtype)
     staging = os.path.join(save_dir, ".final-model-tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -674,27 +693,40 @@ def main(argv=None) -> int:
             build_demo_base_model(cfg.policy_name)
         if args.dry_run:
             cfg = dry_run_config(cfg)
+        cfg = apply_global_batch(cfg)
         check_before_loading(cfg)
         t = cfg.sft_training
-        resume_from = prepare_save_dir(t.save_dir, overwrite=args.overwrite or args.dry_run or args.demo)
-        check_disk_space(cfg)
 
-        # --- tokenizer --------------------------------------------------------------------------------------
-        import data_process_sft as dp
+        import torch
+        from accelerate import PartialState
 
-        tokenizer = prepare_tokenizer(load_pretrained("tokenizer", cfg.policy_name))
+        # several processes: the main one prepares save_dir and the data cache first (gloo on CPU, as use_cpu)
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if not state.is_main_process:
+            logging.getLogger().setLevel(logging.WARNING)
+        with state.main_process_first():
+            if state.is_main_process:
+                resume_from = prepare_save_dir(t.save_dir, overwrite=args.overwrite or args.dry_run or args.demo)
+                check_disk_space(cfg)
+            else:
+                resume_from = last_complete_checkpoint(t.save_dir)
 
-        # --- data -------------------------------------------------------------------------------------------
-        raw = load_pretrained("dataset", cfg.dataset.dataset_name, cfg.dataset.subset)
-        if "chosen" not in raw.column_names:
-            raise ConfigError(f"dataset {cfg.dataset.dataset_name} has no 'chosen' column")
-        if args.dry_run:
-            raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
-        collator = dp.CompletionOnlyCollator(tokenizer)
-        data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length, num_proc=t.dataset_num_proc,
-                                            collator=collator, return_report=True)
-        if len(data) < 2:
-            raise ConfigError(f"fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})")
+            # --- tokenizer ----------------------------------------------------------------------------------
+            import data_process_sft as dp
+
+            tokenizer = prepare_tokenizer(load_pretrained("tokenizer", cfg.policy_name))
+
+            # --- data ---------------------------------------------------------------------------------------
+            raw = load_pretrained("dataset", cfg.dataset.dataset_name, cfg.dataset.subset)
+            if "chosen" not in raw.column_names:
+                raise ConfigError(f"dataset {cfg.dataset.dataset_name} has no 'chosen' column")
+            if args.dry_run:
+                raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
+            collator = dp.CompletionOnlyCollator(tokenizer)
+            data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length,
+                                                num_proc=t.dataset_num_proc, collator=collator, return_report=True)
+            if len(data) < 2:
+                raise ConfigError(f"fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -712,8 +744,10 @@ def main(argv=None) -> int:
         model=model, args=sft_config, data_collator=None if t.packing else collator, processing_class=tokenizer,
         train_dataset=train_data, eval_dataset=eval_data,
     )
-    print_start_summary(cfg, trainer, report, split, len(train_data))
-    if resume_from:
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        print_start_summary(cfg, trainer, report, split, len(train_data))
+    if resume_from and main_process:
         print(f"Resuming from {resume_from} (step {checkpoint_step(resume_from)}); --overwrite starts fresh")
 
     # --- train ----------------------------------------------------------------------------------------------
@@ -735,14 +769,15 @@ def main(argv=None) -> int:
     # --- save -----------------------------------------------------------------------------------------------
     save_final_model(trainer, tokenizer, t.save_dir, cfg.precision)
     metrics = write_metrics(cfg, trainer, report, split, train_result, final_eval, time.time() - start)
-    if trainer.is_world_process_zero():
-        write_report(cfg, trainer.model, tokenizer, split["test"].select(range(4))["messages"], metrics)
+    if not main_process:
+        return 0
+    write_report(cfg, trainer, tokenizer, split["test"].select(range(4))["messages"], metrics)
     print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
     print(f"  train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
           f"eval accuracy {metrics['eval_accuracy']:.4f}")
 
     # --- push -----------------------------------------------------------------------------------------------
-    if t.push_to_hub and trainer.is_world_process_zero():
+    if t.push_to_hub:
         try:
             push_final_model(t.save_dir, t.hub_model_id)
         except Exception as e:  # noqa: BLE001 (any failure: the local model is saved, say how to push later)
@@ -821,9 +856,14 @@ def write_metrics(cfg: Config, trainer, report, split, train_result, final_eval:
     return metrics
 
 
-def write_report(cfg: Config, model, tokenizer, eval_messages, metrics: dict) -> None:
-    """What was trained, at a glance: samples.jsonl, training_curves.png and the model card README.md."""
+def write_report(cfg: Config, trainer, tokenizer, eval_messages, metrics: dict) -> None:
+    """What was trained, at a glance: samples.jsonl, training_curves.png and the model card README.md.
+    Main process only; with several processes the weights may be sharded, so it reloads the saved model."""
+    from transformers import AutoModelForCausalLM
+
     save_dir = cfg.sft_training.save_dir
+    model = trainer.model if trainer.args.world_size == 1 else \
+        AutoModelForCausalLM.from_pretrained(save_dir).to(trainer.args.device)
     write_samples(model, tokenizer, eval_messages, os.path.join(save_dir, "samples.jsonl"))
     plot_curves(metrics["log_history"], os.path.join(save_dir, "training_curves.png"))
     with open(os.path.join(save_dir, "README.md"), "w", encoding="utf-8") as f:
