@@ -647,9 +647,12 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     if dtype is not None and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded: as gathered
         model.to(dtype)
     staging = os.path.join(save_dir, ".final-model-tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(staging)  # model + processing_class (tokenizer, chat_template.jinja); main process only
-    if trainer.is_world_process_zero():
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)  # every process takes part (sharded weights are gathered); the main one writes
+    if main_process:
         for name in sorted(os.listdir(staging), key=lambda n: n == "model.safetensors"):  # weights last
             os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
         shutil.rmtree(staging)
@@ -822,8 +825,8 @@ def print_start_summary(cfg: Config, trainer, report, split, n_train_rows: int) 
           f"  data: {report.summary()}\n"
           f"  train {len(split['train'])} / eval {len(split['test'])} conversations{rows}, "
           f"max_length {t.max_length}, {'packing' if t.packing else 'length-grouped batches'}\n"
-          f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x gradient_accumulation "
-          f"{t.gradient_accumulation} x {world} process(es); ~{steps} optimizer steps\n"
+          f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
+          f"gradient_accumulation {t.gradient_accumulation} x {world} process(es); ~{steps} optimizer steps\n"
           f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
 
 

@@ -74,3 +74,34 @@ def base_model_dir(tmp_path_factory, llama32_dir):
     return train_sft.build_random_llama(str(out), base_tokenizer(llama32_dir), hidden_size=16,
                                         intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                         num_key_value_heads=1)
+
+
+def write_config(folder, base_model_dir, *, subset="train[:64]", val_ratio=0.2, **sft):
+    """A config.yaml in `folder` for a tiny CPU run on the HH sample; `sft` overrides sft_training keys."""
+    import yaml
+
+    training = {"batch_size": 4, "eval_batch_size": 8, "epochs": 1, "max_length": 64, "learning_rate": 1e-3,
+                "warmup_steps": 0, "log_steps": 1, "eval_steps": 1000, "save_steps": 1000,
+                "save_dir": str(Path(folder) / "out"), "wandb_project": None, **sft}
+    config = {"policy_name": str(base_model_dir), "precision": "fp32",
+              "dataset": {"dataset_name": str(SAMPLE), "subset": subset, "val_ratio": val_ratio, "seed": 1},
+              "sft_training": training}
+    path = Path(folder) / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, base_model_dir):
+    """One real `python train_sft.py --config X` run on the base-Llama-3-like folder and the HH sample jsonl,
+    W&B in offline mode; shared by the end-to-end and handoff tests. Returns (folder, save_dir, stdout)."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("sft_run")
+    config = write_config(folder, base_model_dir, max_length=96, warmup_steps=2, log_steps=2, eval_steps=6,
+                          save_steps=12, save_dir=str(folder / "sft_out"), wandb_project="sft-test")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(folder)}
+    result = subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--config", str(config)],
+                            cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, folder / "sft_out", result.stdout

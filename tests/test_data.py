@@ -52,7 +52,8 @@ def test_sample_report_counts_every_drop_reason(llama32_tokenizer):
     data, report = build_sft_dataset(raw, llama32_tokenizer, max_length=128, num_proc=2, return_report=True)
     assert report.rows_read == len(raw) == report.rows_kept + sum(report.dropped.values())
     assert report.dropped == {"chosen_not_a_string": 1, "no_assistant_turn": 1}
-    assert len(data) == report.rows_kept and set(data.column_names) == {"messages", "input_ids", "labels", "length", "num_trained"}
+    assert len(data) == report.rows_kept
+    assert set(data.column_names) == {"messages", "input_ids", "labels", "length", "num_trained"}
     assert max(len(ids) for ids in data["input_ids"]) <= 128
     assert report.assistant_tokens == sum(sum(x != -100 for x in lab) for lab in data["labels"])
     _, short = build_sft_dataset(raw, llama32_tokenizer, max_length=24, return_report=True)

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
+import conftest
 import train_sft
 from train_sft import ConfigError
 
@@ -18,17 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_config(folder, base_model_dir, **sft):
-    config = {
-        "policy_name": str(base_model_dir), "precision": "fp32",
-        "dataset": {"dataset_name": str(REPO / "data" / "hh_sample.jsonl"), "subset": "train[:64]",
-                    "val_ratio": 0.25, "seed": 1},
-        "sft_training": {"batch_size": 4, "eval_batch_size": 4, "epochs": 1, "max_length": 64,
-                         "learning_rate": 1e-3, "warmup_steps": 0, "log_steps": 1, "eval_steps": 1000,
-                         "save_steps": 1000, "save_dir": str(folder / "out"), "wandb_project": None, **sft},
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return conftest.write_config(folder, base_model_dir, val_ratio=0.25, eval_batch_size=4, **sft)
 
 
 def test_two_processes_match_one_process_with_accumulation(tmp_path, base_model_dir):

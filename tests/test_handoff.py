@@ -3,13 +3,11 @@ same parser, and the run leaves a report of what was trained."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from datasets import Dataset
 
 from data_process_sft import build_dpo_dataset, load_raw_dataset
@@ -46,22 +44,9 @@ def test_real_rows_mostly_survive(hh_rows):
 
 
 @pytest.fixture(scope="module")
-def sft_output(tmp_path_factory, base_model_dir):
-    """A tiny model trained and saved by train_sft.py (a short real run, with its end-of-run report)."""
-    folder = tmp_path_factory.mktemp("sft_run")
-    config = {
-        "policy_name": str(base_model_dir), "precision": "fp32",
-        "dataset": {"dataset_name": str(REPO / "data" / "hh_sample.jsonl"), "subset": "train[:48]",
-                    "val_ratio": 0.2, "seed": 1},
-        "sft_training": {"batch_size": 4, "eval_batch_size": 8, "epochs": 1, "max_length": 96,
-                         "learning_rate": 1e-3, "warmup_steps": 0, "log_steps": 2, "eval_steps": 5,
-                         "save_steps": 100, "save_dir": str(folder / "sft_model"), "wandb_project": None},
-    }
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--config", str(folder / "config.yaml")],
-                            cwd=folder, capture_output=True, text=True, timeout=600, env={**os.environ})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "sft_model"
+def sft_output(sft_run):
+    """A tiny model trained and saved by train_sft.py, with its end-of-run report (conftest.sft_run)."""
+    return sft_run[1]
 
 
 def test_dpo_trainer_runs_on_the_sft_output_as_policy_and_reference(sft_output, tmp_path):
@@ -93,13 +78,13 @@ def test_run_leaves_metrics_curves_samples_and_a_model_card(sft_output):
                 "global_batch", "config", "data"):
         assert key in metrics, key
     assert 0 < metrics["tokens_trained"] < metrics["tokens_seen"]
-    assert metrics["data"]["rows_read"] == 48 and metrics["config"]["sft_training"]["batch_size"] == 4
+    assert metrics["data"]["rows_read"] == 64 and metrics["config"]["sft_training"]["batch_size"] == 4
     png = (sft_output / "training_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     samples = [json.loads(line) for line in (sft_output / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["prompt"][-1]["role"] == "user" and "reply" in s for s in samples)
     card = (sft_output / "README.md").read_text()
-    assert "base_model:" in card and "eval loss" in card and "rows read 48" in card and "`learning_rate`" in card
+    assert "base_model:" in card and "eval loss" in card and "rows read 64" in card and "`learning_rate`" in card
 
 
 def test_inspect_prints_marked_conversations_and_the_report():

@@ -10,26 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import write_config
 from wandb_records import history
 
 REPO = Path(__file__).resolve().parent.parent
 FIVE_METRICS = ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "eval/accuracy")
-
-
-def write_config(tmp_path, base_model_dir, **sft):
-    config = {
-        "policy_name": str(base_model_dir), "precision": "fp32",
-        "dataset": {"dataset_name": str(REPO / "data" / "hh_sample.jsonl"), "subset": "train[:64]",
-                    "val_ratio": 0.2, "seed": 1},
-        "sft_training": {"batch_size": 4, "eval_batch_size": 8, "epochs": 1, "max_length": 96,
-                         "learning_rate": 1e-3, "warmup_steps": 2, "log_steps": 2, "eval_steps": 6,
-                         "save_steps": 12, "save_dir": str(tmp_path / "sft_out"), "wandb_project": None, **sft},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def run(args, cwd, script=REPO / "train_sft.py"):
@@ -40,11 +26,10 @@ def run(args, cwd, script=REPO / "train_sft.py"):
     return result.stdout
 
 
-def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(tmp_path, base_model_dir):
+def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(sft_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    out = run(["--config", str(write_config(tmp_path, base_model_dir, wandb_project="sft-test"))], tmp_path)
-    save_dir = tmp_path / "sft_out"
+    folder, save_dir, out = sft_run
     assert "global batch 4 = batch_size 4 x gradient_accumulation 1 x 1 process(es)" in out
     assert "rows read 64" in out and f"Saved the SFT model to {save_dir}" in out
 
@@ -62,7 +47,7 @@ def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(tmp_path,
     assert all(math.isfinite(metrics[k]) for k in ("train_loss", "eval_loss", "eval_accuracy"))
     assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["data"]["rows_read"] == 64
 
-    [run_file] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    [run_file] = list((folder / "wandb").glob("offline-run-*/run-*.wandb"))
     logged = history(run_file)
     for name in FIVE_METRICS:
         assert logged.get(name) and all(math.isfinite(v) for v in logged[name]), name
@@ -71,7 +56,8 @@ def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(tmp_path,
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_dry_run_prints_checks_and_saves_apart(tmp_path, base_model_dir, packing):
-    config = write_config(tmp_path, base_model_dir, wandb_project="would-log", packing=packing)
+    config = write_config(tmp_path, base_model_dir, wandb_project="would-log", packing=packing, max_length=96,
+                          save_dir=str(tmp_path / "sft_out"))
     out = run(["--config", str(config), "--dry-run"], tmp_path)
     assert "Dry-run checks:" in out and "FAIL" not in out
     assert ("packed into" in out) == packing
