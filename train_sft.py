@@ -279,7 +279,7 @@ def load_pretrained(kind: str, name: str, split: str | None = None):
     except Exception as e:  # noqa: BLE001 (hub, file and format errors alike: one line, exit 2)
         hint = (" If it is a gated model (Llama), accept its licence on the Hub and run `huggingface-cli login` "
                 "or set HF_TOKEN." if kind == "tokenizer" else "")
-        first_line = redact(str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = (redact(str(e)).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         raise ConfigError(f"cannot load the {kind} {name}: {first_line}.{hint}") from None
 
 
@@ -774,7 +774,8 @@ def main(argv=None) -> int:
     metrics = write_metrics(cfg, trainer, report, split, train_result, final_eval, time.time() - start)
     if not main_process:
         return 0
-    write_report(cfg, trainer, tokenizer, split["test"].select(range(4))["messages"], metrics)
+    write_report(cfg, trainer, tokenizer, split["test"].select(range(min(4, len(split["test"]))))["messages"],
+                 metrics)
     print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
     print(f"  train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
           f"eval accuracy {metrics['eval_accuracy']:.4f}")
@@ -784,7 +785,8 @@ def main(argv=None) -> int:
         try:
             push_final_model(t.save_dir, t.hub_model_id)
         except Exception as e:  # noqa: BLE001 (any failure: the local model is saved, say how to push later)
-            print(f"error: push to {t.hub_model_id} failed ({type(e).__name__}: {redact(str(e)).splitlines()[0]}). "
+            reason = (redact(str(e)).strip().splitlines() or [""])[0]
+            print(f"error: push to {t.hub_model_id} failed ({type(e).__name__}: {reason}). "
                   f"The model is saved in {os.path.abspath(t.save_dir)}; push it later with: "
                   f"huggingface-cli upload {t.hub_model_id} {t.save_dir} .", file=sys.stderr)
             return 1

@@ -83,7 +83,10 @@ def run_cli(*args, cwd=REPO):
 
 
 @pytest.mark.parametrize("overrides", [{"warmup_step": 10}, {"max_grad_norm": "big"},
-                                       {"push_to_hub": True, "hub_model_id": "no-owner"}])
+                                       {"push_to_hub": True, "hub_model_id": "no-owner"},
+                                       {"use_liger_kernel": True},  # liger-kernel is not installed here (no GPU)
+                                       {"attn_implementation": "flash_attention_2"},
+                                       {"attn_implementation": "flash"}])
 def test_cli_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path, overrides):
     result = run_cli("--config", str(write_config(tmp_path, **overrides)))
     assert result.returncode == 2

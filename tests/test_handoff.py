@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
+from conftest import write_config
 from data_process_sft import build_dpo_dataset, load_raw_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,10 +88,10 @@ def test_run_leaves_metrics_curves_samples_and_a_model_card(sft_output):
     assert "base_model:" in card and "eval loss" in card and "rows read 64" in card and "`learning_rate`" in card
 
 
-def test_inspect_prints_marked_conversations_and_the_report():
-    result = subprocess.run([sys.executable, str(REPO / "data_process_sft.py"), "--config",
-                             str(REPO / "config_demo.yaml"), "--inspect", "-n", "2"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+def test_inspect_prints_marked_conversations_and_the_report(tmp_path, base_model_dir):
+    config = write_config(tmp_path, base_model_dir, subset="train", max_length=256)
+    result = subprocess.run([sys.executable, str(REPO / "data_process_sft.py"), "--config", str(config),
+                             "--inspect", "-n", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert out.count("=== conversation") == 2 and "[[" in out and "<|eot_id|>]]" in out
