@@ -68,7 +68,7 @@ def test_dry_run_prints_checks_and_saves_apart(tmp_path, base_model_dir, packing
 
 
 def test_offline_demo_from_a_fresh_copy(tmp_path):
-    for name in ("train_sft.py", "data_process_sft.py", "config_demo.yaml"):
+    for name in ("train_sft.py", "data_process_sft.py", "sft_report.py", "config_demo.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / "data", tmp_path / "data")
     out = run(["--demo"], tmp_path, script=tmp_path / "train_sft.py")

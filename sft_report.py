@@ -1,0 +1,163 @@
+"""What was trained, at a glance: the files train_sft.py writes into save_dir at the end of a run.
+
+metrics.json (the numbers W&B shows), samples.jsonl (greedy replies to held-out prompts), training_curves.png
+and the model card README.md that the Hub shows when the model is pushed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from train_sft import Config
+
+
+def write_metrics(cfg: Config, trainer, report, split, train_result, final_eval: dict, runtime: float) -> dict:
+    """metrics.json in save_dir: the numbers W&B shows, readable without W&B."""
+    history = trainer.state.log_history
+    last_eval = {**next((h for h in reversed(history) if "eval_loss" in h), {}), **final_eval}
+    t = cfg.sft_training
+    epochs_done = trainer.state.epoch or 0.0
+    train_counts = split["train"].select_columns(["num_trained", "length"]).with_format("numpy")[:]
+    metrics = {
+        "train_loss": train_result.training_loss,
+        "eval_loss": last_eval.get("eval_loss", float("nan")),
+        "eval_accuracy": last_eval.get("eval_accuracy", float("nan")),
+        "global_step": trainer.state.global_step,
+        "global_batch": t.batch_size * t.gradient_accumulation * trainer.args.world_size,
+        "train_conversations": len(split["train"]),
+        "eval_conversations": len(split["test"]),
+        # whole passes over the train split: exact for finished epochs, proportional within one
+        "tokens_trained": round(int(train_counts["num_trained"].sum()) * epochs_done),
+        "tokens_seen": round(int(train_counts["length"].sum()) * epochs_done),
+        "data": dataclasses.asdict(report),
+        "runtime_s": round(runtime, 1),
+        "config": dataclasses.asdict(cfg),
+        "log_history": history,
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(t.save_dir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def write_report(cfg: Config, trainer, tokenizer, eval_messages, metrics: dict) -> None:
+    """What was trained, at a glance: samples.jsonl, training_curves.png and the model card README.md.
+    Main process only; with several processes the weights may be sharded, so it reloads the saved model."""
+    from transformers import AutoModelForCausalLM
+
+    save_dir = cfg.sft_training.save_dir
+    model = trainer.model if trainer.args.world_size == 1 else \
+        AutoModelForCausalLM.from_pretrained(save_dir).to(trainer.args.device)
+    write_samples(model, tokenizer, eval_messages, os.path.join(save_dir, "samples.jsonl"))
+    plot_curves(metrics["log_history"], os.path.join(save_dir, "training_curves.png"))
+    with open(os.path.join(save_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(cfg, metrics))
+
+
+def write_samples(model, tokenizer, eval_messages, path: str, n: int = 4, max_new_tokens: int = 128) -> None:
+    """Greedy replies to the first held-out eval prompts (the conversation up to its last user turn)."""
+    import torch
+
+    model.eval()
+    with open(path, "w", encoding="utf-8") as f:
+        for messages in eval_messages[:n]:
+            prompt, reference = messages[:-1], messages[-1]["content"]
+            inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new = out[0, inputs["input_ids"].shape[1]:]
+            stopped = bool(len(new)) and new[-1].item() in model.generation_config.eos_token_id
+            reply = tokenizer.decode(new, skip_special_tokens=True).strip()
+            f.write(json.dumps({"prompt": prompt, "reply": reply, "stopped_at_eot": stopped,
+                                "reference": reference}, ensure_ascii=False) + "\n")
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+    """Train and eval loss (and eval accuracy) against step; skipped with a note if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("Note: matplotlib is not installed, so no training_curves.png (pip install matplotlib)")
+        return
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"], h.get("eval_accuracy")) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.8)
+    if evals:
+        ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if any(e[2] is not None for e in evals):
+        acc = ax.twinx()
+        acc.plot([e[0] for e in evals], [e[2] for e in evals], "s--", color="tab:green", label="eval accuracy")
+        acc.set_ylabel("next-token accuracy")
+        more_handles, more_labels = acc.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="center left")
+    ax.set_title("SFT on Anthropic HH")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def model_card(cfg: Config, metrics: dict) -> str:
+    """The README.md the Hub shows: base model, data and filtering, hyperparameters, metrics, use in DPO."""
+    t, data = cfg.sft_training, metrics["data"]
+    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(data["dropped"].items())) or "none"
+    hyper = "\n".join(f"| `{k}` | `{v}` |" for k, v in dataclasses.asdict(t).items())
+    repo = t.hub_model_id or t.save_dir
+    dataset_tag = f"datasets:\n- {cfg.dataset.dataset_name}\n" if "/" in cfg.dataset.dataset_name and \
+        not os.path.exists(cfg.dataset.dataset_name) else ""
+    return f"""---
+base_model: {cfg.policy_name}
+{dataset_tag}library_name: transformers
+tags: [sft, trl, dpo-reference]
+---
+
+# {repo.split("/")[-1]}
+
+Supervised fine-tune of `{cfg.policy_name}` on the `chosen` conversations of `{cfg.dataset.dataset_name}`
+(`{cfg.dataset.subset}`), in the Llama-3 chat format, as the reference model for a DPO stage. The loss is
+on every assistant turn and its `<|eot_id|>`; prompts, headers and padding are masked.
+
+## Data
+- rows read {data["rows_read"]}, kept {data["rows_kept"]}; dropped: {dropped}
+- {metrics["train_conversations"]} train / {metrics["eval_conversations"]} eval conversations
+  (val_ratio {cfg.dataset.val_ratio}, seed {cfg.dataset.seed}); max_length {t.max_length}
+  ({data["truncated"]} rows cut)
+- tokens {data["tokens"]}, of which assistant (trained) {data["assistant_tokens"]}
+
+## Results
+| metric | value |
+|---|---|
+| train loss | {metrics["train_loss"]:.4f} |
+| eval loss | {metrics["eval_loss"]:.4f} |
+| eval accuracy (next token, assistant tokens) | {metrics["eval_accuracy"]:.4f} |
+| optimizer steps | {metrics["global_step"]} |
+| global batch | {metrics["global_batch"]} |
+| tokens trained / seen | {metrics["tokens_trained"]} / {metrics["tokens_seen"]} |
+| runtime | {metrics["runtime_s"]} s |
+
+## Hyperparameters (precision {cfg.precision})
+| key | value |
+|---|---|
+{hyper}
+
+## Use as the DPO reference
+```yaml
+policy_name: {repo}
+ref_name: {repo}
+```
+Generation stops at `<|eot_id|>` (see `generation_config.json`).
+"""
