@@ -3,8 +3,10 @@
 The pieces, in the order the training script uses them:
   parse_hh_to_messages  one HH string ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> [{"role", "content"}, ...]
   load_raw_dataset      a Hub id or a local .jsonl/.jsonl.gz/.json/.parquet file or folder -> Dataset
-  build_sft_dataset     HH rows -> `messages` (+ `input_ids`, `labels` when given a tokenizer), with a report
+  build_sft_dataset     HH rows -> `messages` (+ `input_ids`, `labels`, `length`, `num_trained` with a tokenizer)
   CompletionOnlyCollator  pads a batch and puts labels on every assistant turn and nothing else
+  build_dpo_dataset     HH preference rows -> conversational prompt/chosen/rejected rows for TRL's DPOTrainer
+  python data_process_sft.py --config config_dpo.yaml --inspect -n 3   the data as the model will see it
 """
 
 from __future__ import annotations
