@@ -11,6 +11,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from data_process_sft import read_columns
+
 if TYPE_CHECKING:
     from train_sft import Config
 
@@ -21,7 +23,7 @@ def write_metrics(cfg: Config, trainer, report, split, train_result, final_eval:
     last_eval = {**next((h for h in reversed(history) if "eval_loss" in h), {}), **final_eval}
     t = cfg.sft_training
     epochs_done = trainer.state.epoch or 0.0
-    train_counts = split["train"].select_columns(["num_trained", "length"]).with_format("numpy")[:]
+    train_counts = read_columns(split["train"], "num_trained", "length")
     metrics = {
         "train_loss": train_result.training_loss,
         "eval_loss": last_eval.get("eval_loss", float("nan")),

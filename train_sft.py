@@ -26,8 +26,6 @@ from typing import get_args, get_type_hints
 
 import yaml
 
-import sft_report
-
 logger = logging.getLogger("train_sft")
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -463,15 +461,13 @@ def build_random_llama(out_dir: str, tokenizer, **shape) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
-def build_sft_config(cfg: Config, *, max_steps: int = -1, report_to: list[str] | None = None, use_cpu=None):
+def build_sft_config(cfg: Config, *, max_steps: int = -1):
     """Map the `sft_training` section onto TRL's SFTConfig (one place, every key)."""
     import torch
     from trl import SFTConfig
 
     t = cfg.sft_training
     eval_steps = t.eval_steps or t.save_steps
-    if use_cpu is None:
-        use_cpu = not torch.cuda.is_available()
     return SFTConfig(
         output_dir=t.save_dir,
         learning_rate=t.learning_rate,
@@ -502,11 +498,11 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1, report_to: list[str] |
         seed=t.seed,
         data_seed=t.seed,
         dataset_num_proc=t.dataset_num_proc,
-        report_to=report_to if report_to is not None else (["wandb"] if t.wandb_project else []),
+        report_to=["wandb"] if t.wandb_project else [],
         run_name=t.run_name,
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
-        use_cpu=use_cpu,
+        use_cpu=not torch.cuda.is_available(),
         push_to_hub=False,  # pushed once, after the final save (see push_final_model)
         hub_model_id=t.hub_model_id,
         eos_token="<|eot_id|>",
@@ -531,6 +527,8 @@ def make_trainer_class():
     import torch
     from transformers import TrainerCallback
     from trl import SFTTrainer
+
+    from data_process_sft import read_columns
 
     class SaveAndStopOnSignal(TrainerCallback):
         def __init__(self, trainer):
@@ -572,7 +570,8 @@ def make_trainer_class():
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             if "length" not in getattr(dataset, "column_names", ()):
                 return super()._get_train_sampler(train_dataset)
-            return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size,
+            return LengthGroupedSampler(read_columns(dataset, "length")["length"].tolist(),
+                                        self.args.per_device_train_batch_size,
                                         seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -772,6 +771,8 @@ def main(argv=None) -> int:
     final_eval = trainer.evaluate() if args.dry_run or not _just_evaluated(trainer) else {}
 
     # --- save -----------------------------------------------------------------------------------------------
+    import sft_report
+
     save_final_model(trainer, tokenizer, t.save_dir, cfg.precision)
     metrics = sft_report.write_metrics(cfg, trainer, report, split, train_result, final_eval, time.time() - start)
     if not main_process:
