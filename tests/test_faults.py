@@ -1,7 +1,6 @@
 """Faults and bad input: resume after SIGKILL, SIGTERM/SIGINT, NaN loss, W&B and Hub outages, secrets, pre-flight."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,12 @@ import yaml
 from safetensors.torch import load_file
 
 import conftest
-import train_sft
-from train_sft import ConfigError, prepare_save_dir
+import run_env
+from conftest import REPO, cli_env
+from model_io import prepare_tokenizer
+from run_env import prepare_save_dir
+from sft_config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parent.parent
 SECRETS = {"HF_TOKEN": "hf_FAKEsecretTOKEN123456789", "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567"}
 
 
@@ -27,14 +28,9 @@ def write_config(folder, base_model_dir, **sft):
                                                            "save_steps": 3, **sft})
 
 
-def env(**extra):
-    base = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "HF_TOKEN")}
-    return {**base, "WANDB_MODE": "offline", **extra}
-
-
 def start(config, cwd, environ=None, *args):
     return subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), "--config", str(config), *args], cwd=cwd,
-                            env=environ or env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env=environ or cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -51,6 +47,7 @@ def wait_for(path: Path, proc, timeout=300):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_model_dir):
     """Also the determinism check: same seed and config in another process give the identical loss log."""
     reference = tmp_path / "reference"
@@ -83,13 +80,15 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_mo
     assert len(loss_log(reference)) >= 20 and loss_log(killed) == loss_log(reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit_non_zero(tmp_path, base_model_dir, sig):
     config = write_config(tmp_path, base_model_dir, save_steps=1000, epochs=5)  # no scheduled checkpoint
     log = tmp_path / "stdout.txt"
     with open(log, "w") as stdout:
         proc = subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), "--config", str(config)], cwd=tmp_path,
-                                env=env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True)
+                                env=cli_env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
+                                text=True)
         deadline = time.time() + 300
         while "checkpoints and final model" not in log.read_text():  # the start summary: training begins
             assert proc.poll() is None and time.time() < deadline
@@ -104,6 +103,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_non_zero(tmp_path, base_m
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, base_model_dir):
     config = write_config(tmp_path, base_model_dir, learning_rate=1e12, save_steps=1, max_grad_norm=1e12)
     code, out, err = finish(start(config, tmp_path))
@@ -118,9 +118,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_wandb_without_key_goes_offline_by_itself_with_stdin_closed(tmp_path, base_model_dir):
     config = write_config(tmp_path, base_model_dir, wandb_project="no-key-test")
-    environ = {k: v for k, v in env().items() if k != "WANDB_MODE"}
+    environ = {k: v for k, v in cli_env().items() if k != "WANDB_MODE"}
     environ.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path))  # no ~/.netrc, no stored key
     code, out, err = finish(start(config, tmp_path, environ), timeout=300)
     assert code == 0, err[-2000:]
@@ -128,10 +129,11 @@ def test_wandb_without_key_goes_offline_by_itself_with_stdin_closed(tmp_path, ba
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+@pytest.mark.slow
 def test_secrets_are_never_printed_or_written_and_a_failed_push_keeps_the_model(tmp_path, base_model_dir):
     config = write_config(tmp_path, base_model_dir, wandb_project="secret-test", push_to_hub=True,
                           hub_model_id="someone/sft-test")
-    environ = env(WANDB_DIR=str(tmp_path), HF_HUB_OFFLINE="1", **SECRETS)
+    environ = cli_env(WANDB_DIR=str(tmp_path), HF_HUB_OFFLINE="1", **SECRETS)
     code, out, err = finish(start(config, tmp_path, environ))
     assert code == 1, err[-2000:]
     assert "push to someone/sft-test failed" in err and "huggingface-cli upload someone/sft-test" in err
@@ -155,10 +157,10 @@ def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
 
 
 def test_resume_picks_the_last_complete_checkpoint_and_drops_an_incomplete_one(tmp_path):
-    fake_checkpoint(tmp_path, 3)
-    fake_checkpoint(tmp_path, 6)
-    half = fake_checkpoint(tmp_path, 9, complete=False)  # killed while writing
-    assert prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-6")
+    fake_checkpoint(tmp_path, 9)
+    fake_checkpoint(tmp_path, 12)  # newer than checkpoint-9 by number, older by string order
+    half = fake_checkpoint(tmp_path, 15, complete=False)  # killed while writing
+    assert prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-12")
     assert not half.exists()
 
 
@@ -173,18 +175,24 @@ def test_finished_model_is_never_trained_over_silently(tmp_path):
 
 def cli(config, *args, environ=None):
     return subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--config", str(config), *args],
-                          capture_output=True, text=True, env=environ or env(), timeout=300)
+                          capture_output=True, text=True, env=environ or cli_env(), timeout=300)
 
 
-@pytest.mark.parametrize("case", ["unwritable", "push_without_token", "finished_model", "no_chosen", "empty"])
+PREFLIGHT = {"unwritable": "is not writable", "push_without_token": "there is no Hugging Face token",
+             "finished_model": "already holds a finished model; pass --overwrite",
+             "no_chosen": "has no 'chosen' column", "empty": "fewer than 2 usable rows"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(PREFLIGHT))
 def test_preflight_failures_are_one_line_exit_2(tmp_path, base_model_dir, case):
-    sft, environ = {}, env()
+    sft, environ = {}, cli_env()
     if case == "unwritable":
         (tmp_path / "a_file").write_text("")
         sft["save_dir"] = str(tmp_path / "a_file" / "out")
     elif case == "push_without_token":
         sft.update(push_to_hub=True, hub_model_id="someone/x")
-        environ = {**env(HOME=str(tmp_path)), "HF_TOKEN": ""}
+        environ = {**cli_env(HOME=str(tmp_path)), "HF_TOKEN": ""}
     elif case == "finished_model":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "model.safetensors").write_bytes(b"x")
@@ -201,15 +209,16 @@ def test_preflight_failures_are_one_line_exit_2(tmp_path, base_model_dir, case):
     if case in ("no_chosen", "empty"):  # found while reading the data: its progress lines come first
         lines = [line for line in lines if line.startswith("error")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert PREFLIGHT[case] in lines[0]
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
 def test_disk_space_check_names_what_is_needed(tmp_path, base_model_dir, monkeypatch):
-    cfg = train_sft.load_config(str(write_config(tmp_path, base_model_dir)))
+    cfg = load_config(str(write_config(tmp_path, base_model_dir)))
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(train_sft.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(run_env.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(ConfigError, match=r"GiB free, a checkpoint and the final model of 0\.00B parameters need"):
-        train_sft.check_disk_space(cfg)
+        run_env.check_disk_space(cfg)
 
 
 def test_tokenizer_without_llama3_chat_tokens_is_refused():
@@ -219,4 +228,4 @@ def test_tokenizer_without_llama3_chat_tokens_is_refused():
     bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<s>": 1}, unk_token="a")),
                                    bos_token="<s>", eos_token="<s>", pad_token="a")
     with pytest.raises(ConfigError, match="lacks the Llama-3 chat tokens"):
-        train_sft.prepare_tokenizer(bare)
+        prepare_tokenizer(bare)

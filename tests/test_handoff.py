@@ -3,17 +3,12 @@ same parser, and the run leaves a report of what was trained."""
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from datasets import Dataset
 
-from conftest import write_config
-from data_process_sft import build_dpo_dataset, load_raw_dataset
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REAL_HH, SAMPLE, run_cli, write_config
+from data_process_sft import build_dpo_dataset, load_raw_dataset, tokenize_conversations
 
 
 def msgs(*pairs):
@@ -50,6 +45,7 @@ def sft_output(sft_run):
     return sft_run[1]
 
 
+@pytest.mark.slow
 def test_dpo_trainer_runs_on_the_sft_output_as_policy_and_reference(sft_output, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,7 +54,7 @@ def test_dpo_trainer_runs_on_the_sft_output_as_policy_and_reference(sft_output, 
     tokenizer = AutoTokenizer.from_pretrained(sft_output)
     policy = AutoModelForCausalLM.from_pretrained(sft_output)
     reference = AutoModelForCausalLM.from_pretrained(sft_output)
-    pairs = build_dpo_dataset(load_raw_dataset(str(REPO / "data" / "hh_sample.jsonl"), "train[:40]"))
+    pairs = build_dpo_dataset(load_raw_dataset(str(SAMPLE), "train[:40]"))
     args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-4,
                      max_length=128, report_to=[], use_cpu=True, bf16=False, logging_steps=1, save_strategy="no")
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs,
@@ -73,6 +69,7 @@ def test_dpo_trainer_runs_on_the_sft_output_as_policy_and_reference(sft_output, 
     assert torch.isfinite(torch.tensor(losses)).all()
 
 
+@pytest.mark.slow
 def test_run_leaves_metrics_curves_samples_and_a_model_card(sft_output):
     metrics = json.loads((sft_output / "metrics.json").read_text())
     for key in ("train_loss", "eval_loss", "eval_accuracy", "tokens_trained", "tokens_seen", "runtime_s",
@@ -88,10 +85,10 @@ def test_run_leaves_metrics_curves_samples_and_a_model_card(sft_output):
     assert "base_model:" in card and "eval loss" in card and "rows read 64" in card and "`learning_rate`" in card
 
 
+@pytest.mark.slow
 def test_inspect_prints_marked_conversations_and_the_report(tmp_path, base_model_dir):
     config = write_config(tmp_path, base_model_dir, subset="train", max_length=256)
-    result = subprocess.run([sys.executable, str(REPO / "data_process_sft.py"), "--config", str(config),
-                             "--inspect", "-n", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_cli("--config", str(config), "--inspect", "-n", "2", cwd=tmp_path, script="data_process_sft.py")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert out.count("=== conversation") == 2 and "[[" in out and "<|eot_id|>]]" in out
@@ -100,3 +97,27 @@ def test_inspect_prints_marked_conversations_and_the_report(tmp_path, base_model
                    "token length percentiles", "rows over max_length", "assistant-token share",
                    "assistant turns per conversation"):
         assert needle in out, needle
+
+
+@pytest.mark.slow
+def test_the_readme_call_scores_exactly_the_sft_sequences_in_trl_1x(sft_output, tmp_path):
+    """`build_dpo_dataset(raw, tok)`, the call the README gives (text rows under TRL 0.26, see
+    test_dpo_stack.py), gives TRL 1.x conversational rows and the sequences SFT trained on: one BOS, the
+    chat-template prompt, the reply and exactly one <|eot_id|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_output)
+    raw = load_raw_dataset(str(REAL_HH), "train[:24]")
+    pairs = build_dpo_dataset(raw, tokenizer)
+    assert pairs[0]["chosen"][0]["role"] == "assistant"  # conversational under TRL 1.x
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, bf16=False, save_strategy="no", max_length=None)
+    policy = AutoModelForCausalLM.from_pretrained(sft_output)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=pairs, processing_class=tokenizer)
+    bos, eot = tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for row, conv in zip(trainer.train_dataset, pairs):
+        for side in ("chosen", "rejected"):
+            expected = tokenize_conversations(tokenizer, [conv["prompt"] + conv[side]])[0]
+            assert row["prompt_ids"] + row[f"{side}_ids"] == expected
+            assert row["prompt_ids"].count(bos) == 1 and row[f"{side}_ids"][-2:].count(eot) == 1

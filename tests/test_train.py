@@ -3,27 +3,19 @@ template, no pad token, tiny random weights) and an HH jsonl file, offline, W&B 
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from conftest import REPO, assert_ok, cli_env, run_cli, write_config
 from wandb_records import history
 
-REPO = Path(__file__).resolve().parent.parent
 FIVE_METRICS = ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "eval/accuracy")
+pytestmark = pytest.mark.slow
 
 
-def run(args, cwd, script=REPO / "train_sft.py"):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(cwd)}
-    result = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+def run(args, cwd, script="train_sft.py"):
+    return assert_ok(run_cli(*args, cwd=cwd, script=str(script), env=cli_env(WANDB_DIR=str(cwd))))
 
 
 def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(sft_run):
@@ -68,10 +60,15 @@ def test_dry_run_prints_checks_and_saves_apart(tmp_path, base_model_dir, packing
 
 
 def test_offline_demo_from_a_fresh_copy(tmp_path):
-    for name in ("train_sft.py", "data_process_sft.py", "sft_report.py", "config_demo.yaml"):
-        shutil.copy(REPO / name, tmp_path / name)
+    for source in REPO.glob("*.py"):
+        shutil.copy(source, tmp_path / source.name)
+    shutil.copy(REPO / "config_demo.yaml", tmp_path)
     shutil.copytree(REPO / "data", tmp_path / "data")
     out = run(["--demo"], tmp_path, script=tmp_path / "train_sft.py")
-    assert "Built a tiny random-weight base Llama" in out
+    assert "Built a tiny random-weight base Llama" in out and "replaces the previous demo output" in out
     assert "User: " in out and "\nAssistant: " in out
-    assert (tmp_path / "demo_run" / "sft_model" / "model.safetensors").is_file()
+    assert out.count("rows read 210") == 1  # the data report, once
+    assert "matplotlib is not installed" not in out
+    save_dir = tmp_path / "demo_run" / "sft_model"
+    assert (save_dir / "model.safetensors").is_file() and (save_dir / "training_curves.png").is_file()
+    assert f"policy_name: {save_dir}" in (save_dir / "README.md").read_text()  # nothing was pushed: the folder

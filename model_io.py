@@ -1,0 +1,156 @@
+"""Model and tokenizer files: what goes in, what comes out, and that it reads the same everywhere.
+
+    prepare_tokenizer()    a base Llama-3 tokenizer + the chat template and a pad token SFT needs
+    load_model()           the policy with fp32 master weights
+    save_final_model()     weights in `precision`, tokenizer, generation config; atomic per file; portable
+    write_portable_files() make a transformers-5 folder load as the same model under transformers 4.57+
+    push_final_model()     upload the saved folder to the Hub
+    build_random_llama()   a random-weight base-model folder (tests, demo, benchmarks)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+from sft_config import ConfigError
+
+STAGING = ".final-model-tmp"
+
+
+def prepare_tokenizer(tokenizer):
+    """Give a base Llama-3 tokenizer what SFT needs: the Llama-3 chat template and a pad token that is not eot.
+
+    The template is TRL's `llama3.jinja` (TRL recognises it and maps it to its training variant). The pad
+    token is `<|finetune_right_pad_id|>` where the vocabulary has it (Llama-3.1+), else the first reserved
+    special token (Llama-3.0): never `<|eot_id|>`, which must stay a trained stop token.
+    """
+    from trl.chat_template_utils import llama3_chat_template
+
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = llama3_chat_template
+    if tokenizer.pad_token is None or tokenizer.pad_token == "<|eot_id|>":
+        vocab = tokenizer.get_vocab()
+        reserved = sorted((t for t in vocab if re.fullmatch(r"<\|reserved_special_token_\d+\|>", t)),
+                          key=lambda t: int(re.search(r"\d+", t).group()))
+        candidates = ["<|finetune_right_pad_id|>", *reserved]
+        pad = next((t for t in candidates if t in vocab), None)
+        if pad is None:
+            raise ConfigError("the tokenizer has no <|finetune_right_pad_id|> or reserved token to pad with")
+        tokenizer.pad_token = pad
+    missing = [t for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>") if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ConfigError(f"the tokenizer lacks the Llama-3 chat tokens {', '.join(missing)}")
+    return tokenizer
+
+
+def load_model(name: str, attn_implementation: str | None = None):
+    """Load the policy with fp32 master weights; bf16/fp16 run as autocast in the trainer.
+
+    Pure-bf16 weights would make AdamW drop every update smaller than ~0.4% of a weight: at an SFT
+    learning rate of 5e-6 that is most of them. Saved weights are cast to `precision` (see save_final_model).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=attn_implementation)
+    model.config.use_cache = False  # no KV cache while training; turned back on in the saved config
+    return model
+
+
+def write_portable_files(folder: str) -> None:
+    """Make a folder saved by transformers 5 load as the same model under transformers 4.57 (the DPO repo's pin).
+
+    Ours because transformers has no "save for older readers" switch: v5 writes RoPE only as `rope_parameters`,
+    which v4 ignores without a word (rope_theta falls back to 10000, llama3 scaling is lost: another function),
+    and names the tokenizer class `TokenizersBackend`, which v4 cannot import. Both versions read the
+    top-level `rope_theta`/`rope_scaling` and `PreTrainedTokenizerFast`, so we add those; v5 keeps reading
+    `rope_parameters`. `is_local`/`local_files_only` are load-time flags v5 leaks into the file.
+    """
+    config_path = os.path.join(folder, "config.json")
+    if os.path.isfile(config_path):
+        config = _read_json(config_path)
+        rope = dict(config.get("rope_parameters") or {})
+        if "rope_theta" in rope:
+            config["rope_theta"] = rope.pop("rope_theta")
+            config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+            _write_json(config_path, config)
+    tokenizer_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tokenizer_path):
+        tokenizer_config = _read_json(tokenizer_path)
+        if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        for key in ("is_local", "local_files_only"):
+            tokenizer_config.pop(key, None)
+        _write_json(tokenizer_path, tokenizer_config)
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
+    """Save weights in the run's precision, the tokenizer with its template and pad token, and a generation
+    config that stops at <|eot_id|> (the base model stops only at <|end_of_text|>); portable to transformers 4.57.
+
+    Atomic per file: written to a temporary folder, then each file renamed into save_dir, so a crash while
+    saving leaves the previous files whole, never a half-written model.safetensors."""
+    import torch
+
+    model = trainer.model
+    model.config.use_cache = True
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    model.generation_config.eos_token_id = [i for i in dict.fromkeys([eot, tokenizer.eos_token_id]) if i is not None]
+    model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is not None and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded: as gathered
+        model.to(dtype)
+    staging = os.path.join(save_dir, STAGING)
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)  # every process takes part (sharded weights are gathered); the main one writes
+    if main_process:
+        write_portable_files(staging)
+        for name in sorted(os.listdir(staging), key=lambda n: n == "model.safetensors"):  # weights last
+            os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
+        shutil.rmtree(staging)
+    trainer.save_state()  # trainer_state.json: every logged number
+
+
+def push_final_model(save_dir: str, hub_model_id: str) -> None:
+    """Upload the final model folder as saved (with our model card), unattended, from the main process only."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(hub_model_id, exist_ok=True)
+    api.upload_folder(repo_id=hub_model_id, folder_path=save_dir, commit_message="SFT reference model for DPO",
+                      ignore_patterns=["checkpoint-*", f"{STAGING}/*", "wandb_run_id", "training_args.bin"])
+
+
+def build_random_llama(out_dir: str, tokenizer, **shape) -> str:
+    """Save a random-weight Llama with `tokenizer` as a base-model folder (tests, demo, benchmarks)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, rope_theta=500000.0,
+                tie_word_embeddings=True)
+    dims.update(shape)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **dims)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

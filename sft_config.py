@@ -1,0 +1,242 @@
+"""The typed schema of config_dpo.yaml (the parts the SFT stage reads) and its loading.
+
+    load_config(path, overrides=["sft_training.learning_rate=1e-5"]) -> Config
+
+Validation is pydantic's (`extra="forbid"`, bounds, choices, lax number parsing so that `5e-7`, a string under
+YAML 1.1, is a number). Every problem becomes one `ConfigError` line naming the key path, with the closest known
+key suggested for a typo. This module imports no torch, so a bad config fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+DPO_SECTIONS = ("ref_name", "dpo_training", "risk_test", "beta_update", "margin_log")  # read by the DPO stage only
+
+
+class ConfigError(ValueError):
+    """Bad input found before anything heavy is loaded; reported as one line, exit code 2."""
+
+
+def _integral_float(value):
+    """YAML reads `1e3` as a float: accept it for an integer key when it is whole."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _no_bool(value):
+    if isinstance(value, bool):
+        raise ValueError("a bool is not a number")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral_float), Strict()]
+Float = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class DatasetConfig(Section):
+    """The `dataset` section, shared with the DPO stage."""
+
+    dataset_name: Str = "Anthropic/hh-rlhf"  # Hub id, or a local .jsonl/.jsonl.gz/.json/.parquet file or folder
+    subset: Str = "train[:100%]"  # split expression
+    val_ratio: Annotated[Float, Field(gt=0, lt=1)] = 0.1
+    seed: Int = 42  # seed of the train/eval split
+    max_len: Annotated[Int, Field(ge=1)] = 512  # DPO's max length (SFT uses sft_training.max_length)
+
+
+class SFTTrainingConfig(Section):
+    """The `sft_training` section. Every key maps onto TRL's `SFTConfig` (see sft_trainer.build_sft_config)."""
+
+    learning_rate: Annotated[Float, Field(gt=0)] = 5e-6
+    batch_size: Annotated[Int, Field(ge=1)] = 16  # per device
+    eval_batch_size: Annotated[Int, Field(ge=1)] = 16
+    epochs: Annotated[Float, Field(gt=0, le=1000)] = 1.0
+    gradient_accumulation: Annotated[Int, Field(ge=1)] = 1
+    global_batch_size: Annotated[Int, Field(ge=1)] | None = None  # sets gradient_accumulation
+    max_length: Annotated[Int, Field(ge=8, le=131072)] = 512
+    warmup_steps: Annotated[Int, Field(ge=0)] = 120
+    lr_scheduler_type: Literal[SCHEDULERS] = "cosine"
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[Float, Field(gt=0)] = 1.0
+    gradient_checkpointing: Bool = False
+    packing: Bool = False  # BFD-pack conversations into full rows (padding-free); default: length-grouped batches
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = None
+    use_liger_kernel: Bool = False  # Liger's Triton kernels (GPU, needs liger-kernel)
+    torch_compile: Bool = False
+    log_steps: Annotated[Int, Field(ge=1)] = 10
+    eval_steps: Annotated[Int, Field(ge=1)] | None = None  # None: same as save_steps
+    save_steps: Annotated[Int, Field(ge=1)] = 500
+    save_total_limit: Annotated[Int, Field(ge=1)] | None = 2
+    save_only_model: Bool = False  # False: checkpoints hold optimizer/scheduler/RNG, so a resume is exact
+    save_dir: Str = "sft_model"
+    seed: Int = 42
+    dataset_num_proc: Annotated[Int, Field(ge=1)] | None = None
+    wandb_project: Str | None = "hh-llama32-1b-sft"  # null: no W&B
+    run_name: Str | None = None
+    push_to_hub: Bool = False
+    hub_model_id: Str | None = "W-61/hh-llama32-1b-sft"
+
+
+class Config(Section):
+    """The parts of config_dpo.yaml this stage reads; the DPO sections are accepted and left alone."""
+
+    policy_name: Str
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    dataset: DatasetConfig
+    sft_training: SFTTrainingConfig
+    ref_name: Any = None
+    dpo_training: Any = None
+    risk_test: Any = None
+    beta_update: Any = None
+    margin_log: Any = None
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The command-line `section.key=value` overrides applied on top of the file (recorded in metrics.json)."""
+        return self._overrides
+
+    def replace(self, **sft_changes) -> Config:
+        """A copy with some `sft_training` keys changed (validated like the file)."""
+        training = SFTTrainingConfig.model_validate({**self.sft_training.model_dump(), **sft_changes})
+        new = self.model_copy(update={"sft_training": training})
+        new._overrides = self._overrides
+        return new
+
+    def to_dict(self) -> dict:
+        """The SFT part of the config as plain values (metrics.json, W&B, model card)."""
+        return self.model_dump(include={"policy_name", "precision", "dataset", "sft_training"})
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; a second `sft_training:` block would win silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key '{key}' (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate the YAML file; raise ConfigError naming the key on any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte offset {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a YAML mapping of sections")
+    for override in overrides:
+        _apply_override(raw, override)
+    for key in raw:
+        if key not in Config.model_fields:
+            raise ConfigError(_unknown(key, list(Config.model_fields), "top level"))
+    for key in ("policy_name", "dataset", "sft_training"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing required key '{key}'")
+    for section in ("dataset", "sft_training"):
+        raw[section] = {} if raw[section] is None else raw[section]
+    sft = raw["sft_training"]
+    if isinstance(sft, dict) and sft.get("global_batch_size") is not None and "gradient_accumulation" in sft:
+        raise ConfigError("sft_training: set global_batch_size or gradient_accumulation, not both")
+    if isinstance(raw.get("precision"), str):
+        raw["precision"] = raw["precision"].lower()
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e.errors()[0])) from None
+    cfg._overrides = tuple(overrides)
+    return cfg
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """`section.key=value` (value parsed as YAML, as in the file) into the raw mapping."""
+    path, sep, value = override.partition("=")
+    if not sep or not path:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    *sections, key = path.split(".")
+    node = raw
+    for name in sections:
+        if name not in node and name not in Config.model_fields:
+            raise ConfigError(_unknown(name, list(Config.model_fields), "top level"))
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {name} is not a section")
+    try:
+        node[key] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML") from None
+
+
+_BOUNDS = {"greater_than": ("greater than", "gt"), "greater_than_equal": ("at least", "ge"),
+           "less_than": ("less than", "lt"), "less_than_equal": ("at most", "le")}
+_KINDS = {"int": "int", "float": "float", "bool": "bool", "string": "str", "value_error": "float"}  # _no_bool
+
+
+def _one_line(error: dict) -> str:
+    """One pydantic error as `key.path: what is wrong`, in the words the README uses."""
+    loc = [str(part) for part in error["loc"]]
+    where, kind, value = ".".join(loc), error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        *section, key = loc
+        return _unknown(key, list(_model_at(section).model_fields), f"'{section[-1]}'")
+    if kind == "missing":
+        return f"missing required key '{where}'"
+    if kind == "model_type":
+        return f"{where}: must be a mapping of keys, got {type(value).__name__}"
+    if value is None:
+        return f"{where}: must not be null"
+    if kind == "literal_error":
+        return f"{where}: must be one of {error['ctx']['expected'].replace(chr(39), '')}, got {value!r}"
+    if kind in _BOUNDS:
+        words, ctx_key = _BOUNDS[kind]
+        return f"{where}: must be {words} {error['ctx'][ctx_key]}, got {value}"
+    if kind == "finite_number":
+        return f"{where}: must be finite, got {value}"
+    expected = next(name for prefix, name in _KINDS.items() if kind.startswith(prefix))
+    return f"{where}: expected {expected}, got {value!r}"
+
+
+def _model_at(section: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for name in section:
+        model = model.model_fields[name].annotation
+    return model
+
+
+def _unknown(key: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{key}' in {where}{hint}"
+
+
+def apply_global_batch(cfg: Config, world_size: int) -> Config:
+    """With `global_batch_size`, derive gradient_accumulation from it and the number of processes, so a recipe
+    keeps its hyperparameters when moved from 1 GPU to 8."""
+    t = cfg.sft_training
+    if t.global_batch_size is None:
+        return cfg
+    per_step = t.batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"sft_training.global_batch_size: {t.global_batch_size} is not a multiple of batch_size "
+                          f"{t.batch_size} x {world_size} process(es)")
+    return cfg.replace(gradient_accumulation=t.global_batch_size // per_step)
