@@ -2,7 +2,7 @@
 
     prepare_tokenizer()    a base Llama-3 tokenizer + the chat template and a pad token SFT needs
     load_model()           the policy with fp32 master weights
-    save_final_model()     weights in `precision`, tokenizer, generation config; atomic per file; portable
+    save_final_model()     weights in `precision` (any launcher), tokenizer, generation config; atomic; portable
     write_portable_files() make a transformers-5 folder load as the same model under transformers 4.57+
     push_final_model()     upload the saved folder to the Hub
     build_random_llama()   a random-weight base-model folder (tests, demo, benchmarks)
@@ -113,7 +113,8 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is not None and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded: as gathered
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if dtype is not None and not sharded:
         model.to(dtype)
     staging = os.path.join(save_dir, STAGING)
     main_process = trainer.is_world_process_zero()
@@ -122,11 +123,27 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(staging)  # every process takes part (sharded weights are gathered); the main one writes
     if main_process:
+        if dtype is not None and sharded:  # gathered in fp32: cast the files, so every launcher gives one folder
+            cast_saved_weights(staging, dtype)
         write_portable_files(staging)
         for name in sorted(os.listdir(staging), key=lambda n: n == "model.safetensors"):  # weights last
             os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
         shutil.rmtree(staging)
     trainer.save_state()  # trainer_state.json: every logged number
+
+
+def cast_saved_weights(folder: str, dtype) -> None:
+    """Cast the floating-point tensors of every .safetensors file in `folder` (and config.json's dtype)."""
+    from safetensors.torch import load_file, save_file
+
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()}
+            save_file(tensors, path, metadata={"format": "pt"})
+    config_path = os.path.join(folder, "config.json")
+    if os.path.isfile(config_path):
+        _write_json(config_path, {**_read_json(config_path), "dtype": str(dtype).removeprefix("torch.")})
 
 
 def push_final_model(save_dir: str, hub_model_id: str) -> None:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+from urllib.parse import urlparse
 
 from sft_config import Config, ConfigError
 
@@ -27,7 +28,6 @@ from sft_config import Config, ConfigError
 SUPPORTED = {"transformers": (5, 6), "trl": (1, 2)}
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 FINAL_FILES = ("model.safetensors", "config.json", "generation_config.json", "metrics.json", "trainer_state.json")
-HUB_HOST = ("huggingface.co", 443)
 
 
 def check_stack() -> None:
@@ -66,6 +66,7 @@ def check_before_loading(cfg: Config) -> None:
         _require_gpu(f"sft_training.attn_implementation: {train.attn_implementation} needs a CUDA GPU")
     check_local("dataset.dataset_name", cfg.dataset.dataset_name)
     check_local("policy_name", cfg.policy_name)
+    check_hub(cfg.policy_name, cfg.dataset.dataset_name)
 
 
 def looks_local(name: str) -> bool:
@@ -108,25 +109,28 @@ def redact(text: str) -> str:
     return text
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One short TCP connect instead of the Hub client's minutes of retries."""
-    try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 OFFLINE_HINT = ("If it is a gated model (Llama), accept its licence on the Hub and run `huggingface-cli login` "
                 "or set HF_TOKEN. Offline: point policy_name/dataset_name at local copies and set HF_HUB_OFFLINE=1.")
 
 
+def check_hub(*names: str) -> None:
+    """Names that are not local need the Hub: one short TCP connect to it instead of the Hub client's minutes
+    of retries (skipped with HF_HUB_OFFLINE=1, where the libraries fail fast themselves)."""
+    remote = [name for name in names if not os.path.exists(os.path.expanduser(name))]
+    if not remote or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=3.0).close()
+    except OSError:
+        raise ConfigError(f"cannot reach the Hugging Face Hub ({endpoint.geturl()}) to load {', '.join(remote)}. "
+                          f"{OFFLINE_HINT}") from None
+
+
 @contextlib.contextmanager
 def loading(kind: str, name: str):
-    """Any failure to load `name` becomes one ConfigError line; a Hub id with no network fails in seconds."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    if not os.path.exists(os.path.expanduser(name)) and not offline and not hub_reachable():
-        raise ConfigError(f"cannot load the {kind} {name}: the Hugging Face Hub is unreachable. {OFFLINE_HINT}")
+    """Any failure to load `name` (Hub, file or format) becomes one ConfigError line."""
     try:
         yield
     except ConfigError:

@@ -169,7 +169,25 @@ def print_start_summary(cfg: Config, trainer, prepared: Prepared, n_train_rows: 
           f"max_length {t.max_length}, {'packing' if t.packing else 'length-grouped batches'}\n"
           f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
           f"gradient_accumulation {t.gradient_accumulation} x {world} process(es); ~{steps} optimizer steps\n"
+          f"  parallel: {parallel_mode(trainer)}\n"
           f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
+
+
+def parallel_mode(trainer) -> str:
+    """The parallel mode in effect (from the trainer, not the launcher), and a note when the accelerate config
+    asked for sharding that is not in effect (accelerate runs FSDP and DeepSpeed only on GPUs)."""
+    processes, state = trainer.args.world_size, trainer.accelerator.state
+    if trainer.is_fsdp_enabled:
+        mode = f"FSDP{state.fsdp_plugin.fsdp_version} (sharded)"
+    elif trainer.is_deepspeed_enabled:
+        mode = f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage} (sharded)"
+    else:
+        mode = "DDP" if processes > 1 else "single process"
+    asked = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(var, "false").lower() == "true" and name not in mode]
+    note = f"; the accelerate config asks for {asked[0]}, which accelerate runs only on GPUs: NOT sharded" \
+        if asked else ""
+    return f"{mode}, {processes} process(es){note}"
 
 
 # --- train ------------------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Config validation and the CLI's exit codes: bad input is one line on stderr, exit 2, before any loading."""
 
 import re
+import shutil
 import time
 
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_env, run_cli
 from sft_config import ConfigError, DatasetConfig, SFTTrainingConfig, load_config
 
 
@@ -144,3 +145,28 @@ def test_non_utf8_config_is_one_line(tmp_path):
     path.write_bytes(b"policy_name: m\xff\ndataset: {}\nsft_training: {}\n")
     with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte offset 14\)"):
         load_config(str(path))
+
+
+def test_offline_dry_run_on_the_real_config_fails_in_seconds_naming_both_fixes(tmp_path):
+    """No network (the Hub endpoint refuses): one line and exit 2 within seconds, not minutes of retries."""
+    env = {k: v for k, v in cli_env(HF_ENDPOINT="http://127.0.0.1:9").items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    began = time.time()
+    result = run_cli("--config", str(REPO / "config_dpo.yaml"), "--dry-run", cwd=tmp_path, env=env)
+    assert result.returncode == 2 and time.time() - began <= 10
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach the Hugging Face Hub (http://127.0.0.1:9) to load "
+                           "meta-llama/Llama-3.2-1B, Anthropic/hh-rlhf")
+    assert "huggingface-cli login" in line and "HF_HUB_OFFLINE=1" in line
+    assert not list(tmp_path.iterdir())  # nothing created before the refusal
+
+
+def test_inspect_before_the_first_demo_says_to_run_the_demo(tmp_path):
+    (tmp_path / "data").mkdir()
+    shutil.copy(REPO / "data" / "hh_sample.jsonl", tmp_path / "data")
+    began = time.time()
+    result = run_cli("--config", str(REPO / "config_demo.yaml"), "--inspect", cwd=tmp_path,
+                     script="data_process_sft.py")
+    assert result.returncode == 2 and time.time() - began <= 5
+    assert result.stderr.strip() == ("error: policy_name: no such file or folder: ./demo_run/base_model "
+                                     "(the demo's base model: run `python train_sft.py --demo` first)")

@@ -29,7 +29,7 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, base_model_
     out = assert_ok(run_cli("--config", str(write_config(double, base_model_dir, global_batch_size=8)), cwd=double,
                             env=env, launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")))
     assert out.count("global batch 8 = batch_size 4 x gradient_accumulation 1 x 2 process(es)") == 1  # main only
-    assert out.count("Saved the SFT model") == 1
+    assert out.count("Saved the SFT model") == 1 and "parallel: DDP, 2 process(es)\n" in out
 
     from transformers import AutoModelForCausalLM
 

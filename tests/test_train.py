@@ -24,6 +24,7 @@ def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(sft_run):
     folder, save_dir, out = sft_run
     assert "global batch 4 = batch_size 4 x gradient_accumulation 1 x 1 process(es)" in out
     assert "rows read 64" in out and f"Saved the SFT model to {save_dir}" in out
+    assert "parallel: single process, 1 process(es)\n" in out
 
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
                  "generation_config.json", "trainer_state.json", "metrics.json"):

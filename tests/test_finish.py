@@ -1,0 +1,85 @@
+"""Runs that finish: the end-of-run report never fails a trained and saved model, every launcher saves one folder
+in the run's precision, and the start summary names the parallel mode really in effect."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sft_report
+from conftest import REPO, SAMPLE, assert_ok, cli_env, run_cli, write_config
+from model_io import cast_saved_weights
+from sft_config import load_config
+
+
+def no_prompt_rows(path, n=24):
+    """HH rows like the real ones whose first human turn is empty: they parse to assistant-first conversations."""
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:n]]
+    for row in rows[::2]:
+        if isinstance(row["chosen"], str):
+            row["chosen"] = "\n\nHuman: \n\nAssistant: " + row["chosen"].split("\n\nAssistant: ", 1)[-1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_eval_rows_without_a_prompt_do_not_fail_the_report(tmp_path, base_model_dir):
+    data = no_prompt_rows(tmp_path / "hh.jsonl")
+    config = write_config(tmp_path, base_model_dir, dataset=data, subset="train", val_ratio=0.5)
+    assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"] and s["prompt"][-1]["role"] == "user" for s in samples)
+    assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "training_curves.png").is_file()
+
+
+def test_a_failing_report_part_is_one_warning_and_the_rest_is_written(tmp_path, base_model_dir, monkeypatch,
+                                                                     capsys, llama32_tokenizer):
+    cfg = load_config(str(write_config(tmp_path, base_model_dir)))
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(sft_report, "plot_curves", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    monkeypatch.setattr(sft_report, "write_samples", lambda model, tok, messages, path: open(path, "w").close())
+    trainer = types.SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False,
+                                    accelerator=types.SimpleNamespace(unwrap_model=lambda m: m), model=None)
+    metrics = {"log_history": [], "data": {"rows_read": 1, "rows_kept": 1, "dropped": {}, "truncated": 0,
+                                           "tokens": 1, "assistant_tokens": 1},
+               "train_conversations": 1, "eval_conversations": 1, "train_loss": 1.0, "eval_loss": 1.0,
+               "eval_accuracy": 0.5, "global_step": 1, "global_batch": 4, "tokens_trained": 1, "tokens_seen": 1,
+               "runtime_s": 1.0}
+    sft_report.write_report(cfg, trainer, llama32_tokenizer, [], metrics)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: could not write training_curves.png (OSError: disk gone); the model is saved"]
+    assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "samples.jsonl").is_file()
+
+
+def test_gathered_weights_are_cast_to_the_run_precision(tmp_path):
+    weights = {"w": torch.randn(4, 4), "steps": torch.arange(3)}
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32", "model_type": "llama"}))
+    cast_saved_weights(str(tmp_path), torch.bfloat16)
+    cast = load_file(tmp_path / "model.safetensors")
+    assert cast["w"].dtype == torch.bfloat16 and torch.equal(cast["w"], weights["w"].to(torch.bfloat16))
+    assert cast["steps"].dtype == torch.int64
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_fsdp_config_on_cpu_says_it_does_not_shard_and_ends_with_one_bf16_model(tmp_path, base_model_dir,
+                                                                                 processes):
+    """accelerate runs FSDP only on GPUs; on CPU the run must say so (not silently run DDP) and still end with
+    exit 0, the report and one model in `precision`."""
+    config = write_config(tmp_path, base_model_dir)
+    config.write_text(config.read_text().replace("precision: fp32", "precision: bf16"))
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes", str(processes))
+    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"),
+                            launcher=launcher))
+    mode = "DDP" if processes == 2 else "single process"
+    assert (f"parallel: {mode}, {processes} process(es); the accelerate config asks for FSDP, which accelerate "
+            "runs only on GPUs: NOT sharded") in out
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert (tmp_path / "out" / "samples.jsonl").read_text() and (tmp_path / "out" / "README.md").is_file()
