@@ -13,8 +13,10 @@ The pieces, in the order the training script uses them:
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -89,7 +91,29 @@ def load_raw_dataset(name: str, split: str):
     formats = {_data_format(f) for f in files}
     if not files or None in formats or len(formats) > 1:
         raise ValueError(f"{name}: expected .jsonl, .jsonl.gz, .json or .parquet files of one kind")
+    for path in files:
+        if path.endswith((".jsonl", ".jsonl.gz")):
+            check_jsonl(path)
     return load_dataset(formats.pop(), data_files=files, split=split)
+
+
+def check_jsonl(path: str) -> None:
+    """Raise ValueError naming the file, line and byte offset of the first line that is not UTF-8 JSON.
+    The `datasets` JSON reader reports these as a position inside one of its chunks, without the line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    offset = 0
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"line {number} of {path} is not UTF-8 (byte offset {offset + e.start})") from None
+            if text.strip():
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {number} of {path} is not valid JSON ({e.msg})") from None
+            offset += len(line)
 
 
 def load_hh_rows(name: str, split: str):

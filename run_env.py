@@ -12,6 +12,8 @@ Imports nothing heavy at module level: train_sft imports this before torch.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -19,6 +21,9 @@ import os
 import re
 import shutil
 import socket
+import struct
+import sys
+import zipfile
 from urllib.parse import urlparse
 
 from sft_config import Config, ConfigError
@@ -27,7 +32,6 @@ from sft_config import Config, ConfigError
 # (`dtype=`, `activation_checkpointing`, `train_sampling_strategy`) and TRL 1.x's SFTTrainer internals.
 SUPPORTED = {"transformers": (5, 6), "trl": (1, 2)}
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-FINAL_FILES = ("model.safetensors", "config.json", "generation_config.json", "metrics.json", "trainer_state.json")
 
 
 def check_stack() -> None:
@@ -137,7 +141,8 @@ def loading(kind: str, name: str):
         raise
     except Exception as e:  # noqa: BLE001 (hub, file and format errors alike: one line, exit 2)
         first_line = (redact(str(e)).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-        raise ConfigError(f"cannot load the {kind} {name}: {first_line}. {OFFLINE_HINT}") from None
+        hint = "" if os.path.exists(os.path.expanduser(name)) else f" {OFFLINE_HINT}"
+        raise ConfigError(f"cannot load the {kind} {name}: {first_line}.{hint}") from None
 
 
 def checkpoint_step(path: str) -> int:
@@ -154,6 +159,26 @@ def _is_complete(checkpoint: str) -> bool:
         return False
 
 
+def damaged_file(checkpoint: str) -> str | None:
+    """The first file of a checkpoint that does not open whole (None: all do), read cheaply: a .safetensors
+    file's header and size must agree, a torch .pt/.bin file (a zip) must have its central directory."""
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name.endswith(".safetensors"):
+                with open(path, "rb") as f:
+                    header_len = struct.unpack("<Q", f.read(8))[0]
+                    header = json.loads(f.read(header_len))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if os.path.getsize(path) != 8 + header_len + end:
+                    return name
+            elif name.endswith((".pt", ".bin", ".pth")):
+                zipfile.ZipFile(path).close()
+        except (OSError, ValueError, struct.error, zipfile.BadZipFile, KeyError):
+            return name
+    return None
+
+
 def last_complete_checkpoint(save_dir: str) -> str | None:
     if not os.path.isdir(save_dir):
         return None
@@ -162,9 +187,44 @@ def last_complete_checkpoint(save_dir: str) -> str | None:
     return max(complete, key=checkpoint_step) if complete else None
 
 
+_LOCK = None  # the open save_dir lock file of this process (released when it exits, however it exits)
+
+
+def lock_save_dir(save_dir: str) -> None:
+    """An exclusive lock on save_dir for this run's main process. The kernel drops it when the process dies,
+    so a killed run leaves no stale lock; a second run on the same folder is refused naming the first."""
+    global _LOCK
+    path = os.path.join(save_dir, ".lock")
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"sft_training.save_dir: {save_dir} is in use by a running train_sft.py ({holder}); "
+                          "wait for it, or set another save_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}")
+    handle.flush()
+    _LOCK = handle
+
+
+# What a run writes into save_dir besides checkpoints; --overwrite removes them all, so no file of an older
+# run is ever left beside new weights.
+RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "training_args.bin", "trainer_state.json", "metrics.json", "samples.jsonl", "training_curves.png",
+             "README.md", "wandb_run_id")
+
+
 def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:
-    """The checkpoint to resume from (None: start fresh). Never trains silently over a finished model;
-    removes checkpoints a killed run left half-written, so they are never mistaken for complete ones."""
+    """Lock save_dir and return the checkpoint to resume from (None: start fresh).
+
+    Never trains over a finished model (weights and metrics.json) without --overwrite; a run killed after its
+    weights were renamed into place (no metrics.json yet) is finished from its last checkpoint. Checkpoints a
+    killed run left half-written are removed; damaged ones are set aside as checkpoint-N.damaged."""
     try:
         os.makedirs(save_dir, exist_ok=True)
         probe = os.path.join(save_dir, ".write-test")
@@ -173,26 +233,63 @@ def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"sft_training.save_dir: {save_dir} is not writable ({e.strerror})") from None
+    lock_save_dir(save_dir)
     checkpoints = [os.path.join(save_dir, d) for d in os.listdir(save_dir) if CHECKPOINT.match(d)]
     if overwrite:
-        for path in checkpoints:
-            shutil.rmtree(path)
-        for name in FINAL_FILES:
+        for path in checkpoints + [os.path.join(save_dir, ".final-model-tmp")]:
+            shutil.rmtree(path, ignore_errors=True)
+        for name in RUN_FILES:
             if os.path.exists(os.path.join(save_dir, name)):
                 os.remove(os.path.join(save_dir, name))
         return None
-    if os.path.exists(os.path.join(save_dir, "model.safetensors")):
-        raise ConfigError(f"{save_dir} already holds a finished model; pass --overwrite to train over it, or set "
-                          "another sft_training.save_dir")
     for path in checkpoints:
         if not _is_complete(path):
             print(f"Removing incomplete checkpoint {path} (the run was killed while writing it)")
             shutil.rmtree(path)
-    return last_complete_checkpoint(save_dir)
+        elif (bad := damaged_file(path)) is not None:
+            print(f"Setting aside damaged checkpoint {path} ({bad} does not open whole) as {path}.damaged")
+            os.replace(path, f"{path}.damaged")
+    resume_from = last_complete_checkpoint(save_dir)
+    if os.path.exists(os.path.join(save_dir, "model.safetensors")):
+        if os.path.exists(os.path.join(save_dir, "metrics.json")) or resume_from is None:
+            raise ConfigError(f"{save_dir} already holds a finished model; pass --overwrite to train over it, or "
+                              "set another sft_training.save_dir")
+        print(f"{save_dir} holds the weights of a run whose final save was cut short: finishing it from "
+              f"{resume_from}")
+    return resume_from
+
+
+def run_fingerprint(cfg: Config, report, world_size: int) -> dict:
+    """The settings that define a run: a checkpoint resumes only under the same ones. Learning rate, schedule,
+    epochs, logging and saving may change on resume (they are applied from the resumed step on)."""
+    t = cfg.sft_training
+    return {"policy_name": cfg.policy_name, "precision": cfg.precision, **{f"dataset.{k}": v for k, v in
+            cfg.dataset.model_dump().items() if k != "max_len"},
+            "data (rows kept, tokens)": [report.rows_kept, report.tokens],
+            **{f"sft_training.{k}": getattr(t, k) for k in ("max_length", "batch_size", "gradient_accumulation",
+                                                             "packing", "seed", "save_only_model")},
+            "processes": world_size}
+
+
+FINGERPRINT_FILE = "sft_run.json"
+
+
+def check_same_run(checkpoint: str | None, fingerprint: dict) -> None:
+    """Refuse to resume a checkpoint written under other run-defining settings, naming what changed."""
+    path = os.path.join(checkpoint or "", FINGERPRINT_FILE)
+    if checkpoint is None or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
+    if changed:
+        raise ConfigError(f"{checkpoint} was written by a run with other settings ({'; '.join(changed)}); "
+                          "resume with the same ones, or start fresh with --overwrite or another save_dir")
 
 
 def check_disk_space(cfg: Config) -> None:
-    """Enough free disk for one checkpoint and the final model, estimated from the parameter count."""
+    """Enough free disk for save_total_limit + 1 checkpoints (a new one is written before the oldest is deleted)
+    and the final model, estimated from the parameter count."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -202,13 +299,27 @@ def check_disk_space(cfg: Config) -> None:
         return
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
-    # fp32 weights (+ AdamW's two fp32 moments unless save_only_model), and the final weights in `precision`
-    per_param = (4 if cfg.sft_training.save_only_model else 12) + (2 if cfg.precision in ("bf16", "fp16") else 4)
-    need = params * per_param
-    free = shutil.disk_usage(cfg.sft_training.save_dir).free
+    t = cfg.sft_training
+    checkpoint = params * (4 if t.save_only_model else 12)  # fp32 weights (+ AdamW's two fp32 moments)
+    final = params * (2 if cfg.precision in ("bf16", "fp16") else 4)
+    count = (t.save_total_limit or 2) + 1
+    need = checkpoint * count + final
+    free = shutil.disk_usage(t.save_dir).free
     if free < need:
-        raise ConfigError(f"sft_training.save_dir: {free / 2**30:.1f} GiB free, a checkpoint and the final model "
-                          f"of {params / 1e9:.2f}B parameters need ~{need / 2**30:.1f} GiB")
+        raise ConfigError(f"sft_training.save_dir: {free / 2**30:.1f} GiB free, {count} checkpoints and the final "
+                          f"model of {params / 1e9:.2f}B parameters need ~{need / 2**30:.1f} GiB; free space or "
+                          "lower save_total_limit")
+
+
+def disk_full(error: BaseException, save_dir: str) -> str | None:
+    """The one-line message for an error that is the disk filling up (None: it is something else). torch.save
+    reports a full disk as a RuntimeError ("iostream error", "unexpected pos"), so the free space decides."""
+    no_space = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or \
+        shutil.disk_usage(save_dir).free < 64 * 2**20
+    if not no_space:
+        return None
+    return (f"no space left on device in {os.path.abspath(save_dir)}; free some GiB or lower save_total_limit, "
+            "then run the same command (it resumes from the last complete checkpoint)")
 
 
 def wandb_has_key() -> bool:

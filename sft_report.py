@@ -15,15 +15,16 @@ from data_process_sft import read_columns
 from sft_config import Config
 
 
-def write_metrics(cfg: Config, trainer, report, split, train_result, final_eval: dict, runtime: float) -> dict:
-    """metrics.json in save_dir: the numbers W&B shows, readable without W&B."""
+def write_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime: float) -> dict:
+    """metrics.json in save_dir: the numbers W&B shows, readable without W&B. The train loss is over every
+    optimizer step of the run from its logged history (the Trainer's own covers only the steps since a resume)."""
     history = trainer.state.log_history
     last_eval = {**next((h for h in reversed(history) if "eval_loss" in h), {}), **final_eval}
     t = cfg.sft_training
     epochs_done = trainer.state.epoch or 0.0
     train_counts = read_columns(split["train"], "num_trained", "length")
     metrics = {
-        "train_loss": train_result.training_loss,
+        "train_loss": train_loss(history),
         "eval_loss": last_eval.get("eval_loss", float("nan")),
         "eval_accuracy": last_eval.get("eval_accuracy", float("nan")),
         "global_step": trainer.state.global_step,
@@ -43,6 +44,17 @@ def write_metrics(cfg: Config, trainer, report, split, train_result, final_eval:
         with open(os.path.join(t.save_dir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
     return metrics
+
+
+def train_loss(history: list[dict]) -> float:
+    """Mean training loss over all logged steps, each log entry weighted by the steps it covers."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else float("nan")
 
 
 def write_report(cfg: Config, trainer, tokenizer, eval_messages, metrics: dict) -> None:

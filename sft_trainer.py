@@ -2,13 +2,17 @@
 
     build_sft_config(cfg)        the `sft_training` section as TRL's SFTConfig (one place, every key)
     batches_ready(data, ...)     the columns the trainer reads (length-grouped or packed)
-    SFTRunTrainer                SFTTrainer + signals, NaN/inf guard, token-weighted eval accuracy, our sampler
+    SFTRunTrainer                SFTTrainer + signals, NaN/inf guard, token-weighted eval accuracy, our sampler,
+                                 the configured learning rate on resume
+    WriteRunFingerprint          each checkpoint records the settings that define the run
     ConversationLengthSampler    batches of whole conversations of similar length, in random order
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 
 import torch
@@ -16,6 +20,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from data_process_sft import read_columns
+from run_env import FINGERPRINT_FILE
 from sft_config import Config
 
 logger = logging.getLogger("train_sft")
@@ -91,6 +96,20 @@ class SaveAndStopOnSignal(TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
+class WriteRunFingerprint(TrainerCallback):
+    """Each checkpoint records the settings that define the run (run_env.run_fingerprint), so a resume under
+    other ones is refused instead of silently mixing two runs."""
+
+    def __init__(self, fingerprint: dict):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", FINGERPRINT_FILE)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(self.fingerprint, f, indent=2)
+
+
 class SFTRunTrainer(SFTTrainer):
     """SFTTrainer plus what a long unattended run needs and TRL lacks:
 
@@ -101,6 +120,8 @@ class SFTRunTrainer(SFTTrainer):
       names the signal. A second signal ends the process at once. (transformers' JIT checkpoint handles
       SIGTERM only, and saves in the middle of a step.)
     - a NaN/inf loss stops the run with `NonFiniteLoss` naming the step.
+    - a resumed run uses the configured learning rate from the resumed step on (a checkpoint's scheduler state
+      would bring back the old one), so "lower learning_rate and run the same command" works after a NaN.
     """
 
     stopped_by: str | None = None
@@ -128,6 +149,20 @@ class SFTRunTrainer(SFTTrainer):
         if not torch.isfinite(loss).all():
             raise NonFiniteLoss(f"the training loss became {loss.item()} at step {self.state.global_step + 1}")
         return loss
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler, new = self.lr_scheduler, self.args.learning_rate
+        if checkpoint is None or not hasattr(scheduler, "lr_lambdas") or scheduler.base_lrs == [new] * len(
+                scheduler.base_lrs):
+            return
+        old = scheduler.base_lrs[0]
+        scheduler.base_lrs = [new] * len(scheduler.base_lrs)
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = new, new * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        logger.warning("Resuming with learning_rate %g (the checkpoint was trained with %g) from step %d",
+                       new, old, scheduler.last_epoch)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -50,7 +50,7 @@ class Prepared:
     report: Any  # data_process_sft.DataReport
     split: Any  # DatasetDict with "train" and "test" (conversations, tokenized)
     resume_from: str | None
-    world_size: int
+    fingerprint: dict  # run_env.run_fingerprint: checked on resume, written into each checkpoint
 
 
 def main(argv=None) -> int:
@@ -64,10 +64,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer = build_trainer(run, prepared)
-    outcome = train(run, trainer, prepared)
-    if isinstance(outcome, int):  # stopped early: NaN/inf, or a signal
-        return outcome
-    return finish(run, trainer, prepared, outcome, start)
+    stopped = train(run, trainer, prepared)
+    if stopped is not None:  # NaN/inf, a signal, or a full disk
+        return stopped
+    return finish(run, trainer, prepared, start)
 
 
 def parse_args(argv):
@@ -130,14 +130,16 @@ def prepare(run: Run) -> Prepared:
                                             collator=collator, return_report=True)
         if len(data) < 2:
             raise ConfigError(f"fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})")
+        fingerprint = run_env.run_fingerprint(cfg, report, state.num_processes)
+        run_env.check_same_run(resume_from, fingerprint)
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
-    return Prepared(tokenizer, collator, report, split, resume_from, state.num_processes)
+    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint)
 
 
 # --- trainer ----------------------------------------------------------------------------------------------------
 def build_trainer(run: Run, prepared: Prepared):
     from model_io import load_model
-    from sft_trainer import SFTRunTrainer, batches_ready, build_sft_config
+    from sft_trainer import SFTRunTrainer, WriteRunFingerprint, batches_ready, build_sft_config
 
     cfg, t = run.cfg, run.cfg.sft_training
     model = load_model(cfg.policy_name, t.attn_implementation)
@@ -147,6 +149,7 @@ def build_trainer(run: Run, prepared: Prepared):
     trainer = SFTRunTrainer(
         model=model, args=build_sft_config(cfg, max_steps=run.max_steps), processing_class=prepared.tokenizer,
         data_collator=None if t.packing else prepared.collator, train_dataset=train_data, eval_dataset=eval_data,
+        callbacks=[WriteRunFingerprint(prepared.fingerprint)],
     )
     if trainer.is_world_process_zero():
         print_start_summary(cfg, trainer, prepared, len(train_data))
@@ -191,37 +194,48 @@ def parallel_mode(trainer) -> str:
 
 
 # --- train ------------------------------------------------------------------------------------------------------
-def train(run: Run, trainer, prepared: Prepared):
-    """Train (resuming if a checkpoint is there): the TrainOutput, or an exit code when the run stopped early."""
+def train(run: Run, trainer, prepared: Prepared) -> int | None:
+    """Train (resuming if a checkpoint is there); an exit code when the run stopped early, else None."""
     from sft_trainer import NonFiniteLoss
 
     save_dir = run.cfg.sft_training.save_dir
     try:
-        result = trainer.train(resume_from_checkpoint=prepared.resume_from)
+        trainer.train(resume_from_checkpoint=prepared.resume_from)
     except NonFiniteLoss as e:
         last = run_env.last_complete_checkpoint(save_dir)
         print(f"error: {e}; stopped. Last good checkpoint: {last or 'none'}. Lower learning_rate or check the "
               "data, then run the same command (it resumes from that checkpoint) or add --overwrite.",
               file=sys.stderr)
         return 1
+    except (OSError, RuntimeError) as e:  # a checkpoint write that filled the disk: one line, not a traceback
+        if not (message := run_env.disk_full(e, save_dir)):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     if trainer.stopped_by:
         print(f"Stopped by {trainer.stopped_by} at step {trainer.state.global_step}; checkpoint saved in "
               f"{run_env.last_complete_checkpoint(save_dir)}. Resume with the same command: "
               f"python {' '.join(sys.argv)}", file=sys.stderr)
         return 128 + signal.Signals[trainer.stopped_by].value
-    return result
+    return None
 
 
 # --- finish: final eval, save, report, push ---------------------------------------------------------------------
-def finish(run: Run, trainer, prepared: Prepared, train_result, start: float) -> int:
+def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     import sft_report
     from model_io import push_final_model, save_final_model
 
     cfg, t = run.cfg, run.cfg.sft_training
     final_eval = trainer.evaluate() if run.mode == "dry-run" or not _just_evaluated(trainer) else {}
-    save_final_model(trainer, prepared.tokenizer, t.save_dir, cfg.precision)
-    metrics = sft_report.write_metrics(cfg, trainer, prepared.report, prepared.split, train_result,
-                                       final_eval, time.time() - start)
+    try:
+        save_final_model(trainer, prepared.tokenizer, t.save_dir, cfg.precision)
+        metrics = sft_report.write_metrics(cfg, trainer, prepared.report, prepared.split, final_eval,
+                                           time.time() - start)
+    except (OSError, RuntimeError) as e:  # the final save filled the disk: one line; a rerun finishes it
+        if not (message := run_env.disk_full(e, t.save_dir)):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     if not trainer.is_world_process_zero():
         return 0
     held_out = prepared.split["test"].select(range(min(32, len(prepared.split["test"]))))["messages"]
