@@ -153,7 +153,7 @@ def push_final_model(save_dir: str, hub_model_id: str) -> None:
     api = HfApi()
     api.create_repo(hub_model_id, exist_ok=True)
     api.upload_folder(repo_id=hub_model_id, folder_path=save_dir, commit_message="SFT reference model for DPO",
-                      ignore_patterns=["checkpoint-*", f"{STAGING}/*", "wandb_run_id", "training_args.bin"])
+                      ignore_patterns=["checkpoint-*", f"{STAGING}/*", "wandb_run_id", "training_args.bin", ".lock"])
 
 
 def build_random_llama(out_dir: str, tokenizer, **shape) -> str:
