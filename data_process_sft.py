@@ -170,8 +170,9 @@ class DataReport:
 
 def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_proc: int | None = None,
                       collator: CompletionOnlyCollator | None = None, return_report: bool = False):
-    """HH rows (`chosen` column) -> a `messages` column; with a tokenizer also `input_ids`, `labels`, `length`
-    and `num_trained` (assistant tokens per row).
+    """HH rows (`chosen` column) -> `messages` and `row` (the index of the source row, so the eval split can be
+    found among the preference pairs); with a tokenizer also `input_ids`, `labels`, `length` and `num_trained`
+    (assistant tokens per row).
 
     Drops rows whose `chosen` is not a string or has no assistant turn, trailing user turns, and (with a
     tokenizer and `max_length`) rows whose every assistant token was cut away by truncation, so no batch
@@ -182,6 +183,7 @@ def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_
     mapped = ds.map(
         _convert_batch,
         batched=True,
+        with_indices=True,
         num_proc=num_proc,
         remove_columns=ds.column_names,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "collator": collator, "code": SOURCE_HASH},
@@ -214,11 +216,11 @@ def _keep_and_report(mapped, *, tokenized: bool, return_report: bool, what: str)
     return kept
 
 
-def _convert_batch(batch, tokenizer, max_length, collator, code):
+def _convert_batch(batch, rows, tokenizer, max_length, collator, code):
     """`code` (this file's hash) is only part of the `datasets` cache key: datasets keys a module-level
     function by its name, so without it a changed parser would silently reuse old cached results."""
     converted = [hh_to_sft_messages(chosen) for chosen in batch["chosen"]]
-    out = {"messages": [m for m, _ in converted], "drop_reason": [r for _, r in converted]}
+    out = {"messages": [m for m, _ in converted], "drop_reason": [r for _, r in converted], "row": rows}
     if tokenizer is None:
         return out
     full = tokenize_conversations(tokenizer, out["messages"])

@@ -259,6 +259,12 @@ def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:
     return resume_from
 
 
+def require_finished_model(save_dir: str) -> None:
+    """For `--readiness`: save_dir must hold a finished model."""
+    if not os.path.isfile(os.path.join(save_dir, "model.safetensors")):
+        raise ConfigError(f"sft_training.save_dir: {save_dir} holds no finished model to score; train first")
+
+
 def run_fingerprint(cfg: Config, report, world_size: int) -> dict:
     """The settings that define a run: a checkpoint resumes only under the same ones. Learning rate, schedule,
     epochs, logging and saving may change on resume (they are applied from the resumed step on)."""

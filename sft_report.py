@@ -41,9 +41,13 @@ def write_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime
         "log_history": history,
     }
     if trainer.is_world_process_zero():
-        with open(os.path.join(t.save_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
+        save_metrics(t.save_dir, metrics)
     return metrics
+
+
+def save_metrics(save_dir: str, metrics: dict) -> None:
+    with open(os.path.join(save_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
 
 
 def train_loss(history: list[dict]) -> float:
@@ -68,8 +72,21 @@ def write_report(cfg: Config, trainer, tokenizer, eval_messages, metrics: dict) 
         "samples.jsonl": lambda path: write_samples(_unsharded_model(trainer, save_dir), tokenizer, eval_messages,
                                                     path),
         "training_curves.png": lambda path: plot_curves(metrics["log_history"], path),
-        "README.md": lambda path: _write_text(path, model_card(cfg, metrics)),
+        **card_parts(cfg, metrics),
     }
+    write_parts(save_dir, parts)
+
+
+def card_parts(cfg: Config, metrics: dict) -> dict:
+    """The model card and the readiness histogram (also rewritten by `train_sft.py --readiness`)."""
+    parts = {"README.md": lambda path: _write_text(path, model_card(cfg, metrics))}
+    if (metrics.get("readiness") or {}).get("pairs"):
+        parts["readiness_margins.png"] = lambda path: plot_margins(metrics["readiness"]["margins"], path)
+    return parts
+
+
+def write_parts(save_dir: str, parts: dict) -> None:
+    """Write each report file; a part that fails is one warning line (the model is saved already)."""
     for name, write in parts.items():
         try:
             write(os.path.join(save_dir, name))
@@ -112,16 +129,18 @@ def write_samples(model, tokenizer, eval_messages, path: str, n: int = 4, max_ne
                                 "reference": reference}, ensure_ascii=False) + "\n")
 
 
-def plot_curves(history: list[dict], path: str) -> None:
-    """Train and eval loss (and eval accuracy) against step; skipped with a note if matplotlib is missing."""
-    try:
-        import matplotlib
+def _pyplot():
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("Note: matplotlib is not installed, so no training_curves.png (pip install matplotlib)")
-        return
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+    """Train and eval loss (and eval accuracy) against step."""
+    plt = _pyplot()
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"], h.get("eval_accuracy")) for h in history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -144,6 +163,43 @@ def plot_curves(history: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_margins(margins: list[float], path: str) -> None:
+    """Histogram of the SFT model's chosen-rejected log-prob margins on held-out pairs (sft_readiness)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.hist(margins, bins=min(40, max(5, len(margins) // 5)), color="tab:purple", alpha=0.8)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_xlabel("log p(chosen) - log p(rejected) under the SFT model (sum over reply tokens)")
+    ax.set_ylabel("held-out pairs")
+    ax.set_title(f"Reference margins on {len(margins)} held-out HH pairs ({sum(m > 0 for m in margins)} > 0)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def readiness_section(report: dict | None) -> str:
+    """The model card's "Reference readiness" table (empty when it was not computed)."""
+    if not report or not report.get("pairs"):
+        return ""
+    p = report["margin_percentiles"]
+    return f"""## Reference readiness (held-out preference pairs, as the DPO stage builds them)
+{report["pairs"]} pairs from the eval split; log-probabilities of the final reply (and its `<|eot_id|>`), summed.
+
+| | SFT | base |
+|---|---|---|
+| chosen log-prob | {report["sft_chosen_logp"]:.3f} | {report["base_chosen_logp"]:.3f} |
+| rejected log-prob | {report["sft_rejected_logp"]:.3f} | {report["base_rejected_logp"]:.3f} |
+| chosen log-prob per token | {report["sft_chosen_logp_per_token"]:.4f} | {report["base_chosen_logp_per_token"]:.4f} |
+
+- SFT raised the chosen log-prob over the base model on {report["chosen_raised_share"]:.1%} of pairs
+- preference accuracy of the SFT model (chosen > rejected): {report["pref_accuracy"]:.1%} by sum,
+  {report["pref_accuracy_per_token"]:.1%} per token
+- chosen-rejected margin: mean {report["margin_mean"]:.3f}, std {report["margin_std"]:.3f}; p5 {p["p5"]:.3f},
+  p25 {p["p25"]:.3f}, p50 {p["p50"]:.3f}, p75 {p["p75"]:.3f}, p95 {p["p95"]:.3f} (`readiness_margins.png`)
+
+"""
 
 
 def model_card(cfg: Config, metrics: dict) -> str:
@@ -184,6 +240,7 @@ on every assistant turn and its `<|eot_id|>`; prompts, headers and padding are m
 | tokens trained / seen | {metrics["tokens_trained"]} / {metrics["tokens_seen"]} |
 | runtime | {metrics["runtime_s"]} s |
 
+{readiness_section(metrics.get("readiness"))}
 ## Hyperparameters (precision {cfg.precision})
 | key | value |
 |---|---|

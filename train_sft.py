@@ -33,7 +33,7 @@ class Run:
     """This invocation: the validated config with --demo/--dry-run resolved into it once, and the mode."""
 
     cfg: Config
-    mode: str  # "train" | "dry-run" | "demo"
+    mode: str  # "train" | "dry-run" | "demo" | "readiness"
     overwrite: bool
 
     @property
@@ -51,6 +51,7 @@ class Prepared:
     split: Any  # DatasetDict with "train" and "test" (conversations, tokenized)
     resume_from: str | None
     fingerprint: dict  # run_env.run_fingerprint: checked on resume, written into each checkpoint
+    raw: Any  # the HH rows read (the readiness report scores the eval split's preference pairs)
 
 
 def main(argv=None) -> int:
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if run.mode == "readiness":
+        return readiness_only(run, prepared)
     trainer = build_trainer(run, prepared)
     stopped = train(run, trainer, prepared)
     if stopped is not None:  # NaN/inf, a signal, or a full disk
@@ -78,6 +81,8 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true", help="~10 steps on a small slice, no W&B/push, checks")
     parser.add_argument("--demo", action="store_true",
                         help="offline demo: tiny local Llama + shipped sample (replaces the previous demo output)")
+    parser.add_argument("--readiness", action="store_true",
+                        help="no training: score held-out preference pairs with the finished model in save_dir")
     parser.add_argument("--overwrite", action="store_true",
                         help="start fresh: delete save_dir's checkpoints instead of resuming, train over a saved model")
     return parser.parse_args(argv)
@@ -86,7 +91,7 @@ def parse_args(argv):
 # --- config: the file, the overrides, the mode, pre-flight (no torch imported yet) ------------------------------
 def resolve_run(args) -> Run:
     run_env.check_stack()
-    mode = "demo" if args.demo else "dry-run" if args.dry_run else "train"
+    mode = "demo" if args.demo else "dry-run" if args.dry_run else "readiness" if args.readiness else "train"
     cfg = load_config(DEMO_CONFIG if args.demo else args.config, args.overrides)
     if mode == "demo":
         from sft_demo import build_demo_base_model
@@ -99,7 +104,7 @@ def resolve_run(args) -> Run:
         cfg = dry_run_config(cfg)
     cfg = apply_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     run_env.check_before_loading(cfg)
-    return Run(cfg=cfg, mode=mode, overwrite=args.overwrite or mode != "train")
+    return Run(cfg=cfg, mode=mode, overwrite=args.overwrite or mode in ("dry-run", "demo"))
 
 
 # --- prepare: save_dir, tokenizer, data; the main process first, the others read its cache ----------------------
@@ -116,7 +121,10 @@ def prepare(run: Run) -> Prepared:
     if not state.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     with state.main_process_first():
-        if state.is_main_process:
+        if run.mode == "readiness":
+            run_env.require_finished_model(t.save_dir)
+            resume_from = None
+        elif state.is_main_process:
             resume_from = run_env.prepare_save_dir(t.save_dir, overwrite=run.overwrite)
             run_env.check_disk_space(cfg)
         else:
@@ -133,7 +141,7 @@ def prepare(run: Run) -> Prepared:
         fingerprint = run_env.run_fingerprint(cfg, report, state.num_processes)
         run_env.check_same_run(resume_from, fingerprint)
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
-    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint)
+    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw)
 
 
 # --- trainer ----------------------------------------------------------------------------------------------------
@@ -238,6 +246,8 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
         return 1
     if not trainer.is_world_process_zero():
         return 0
+    metrics["readiness"] = readiness(run, prepared, step=trainer.state.global_step)
+    sft_report.save_metrics(t.save_dir, metrics)
     held_out = prepared.split["test"].select(range(min(32, len(prepared.split["test"]))))["messages"]
     sft_report.write_report(cfg, trainer, prepared.tokenizer, held_out, metrics)
     print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
@@ -254,6 +264,56 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
             return 1
         print(f"Pushed to https://huggingface.co/{t.hub_model_id}")
     return _after_save(run)
+
+
+# --- reference readiness: how the SFT model scores the DPO stage's held-out pairs ---------------------------------
+def readiness(run: Run, prepared: Prepared, step: int) -> dict | None:
+    """Score the eval split's preference pairs under the saved model and the base (sft_readiness), print the
+    report and log it to W&B. Main process only, after the final save; a failure is one warning line."""
+    import sft_readiness as sr
+
+    t = run.cfg.sft_training
+    if not t.readiness_pairs or "rejected" not in prepared.raw.column_names:
+        return None
+    try:
+        pairs = sr.held_out_pairs(prepared.raw, prepared.split["test"]["row"], t.readiness_pairs)
+        report = sr.score_readiness(t.save_dir, run.cfg.policy_name, prepared.tokenizer, pairs,
+                                    max_length=t.max_length, batch_size=t.eval_batch_size)
+    except Exception as e:  # noqa: BLE001 (the model is saved: a report never fails the run)
+        print(f"warning: reference readiness failed ({type(e).__name__}: {e}); the model is saved", file=sys.stderr)
+        return None
+    print("\n".join(sr.summary_lines(report)))
+    _log_to_wandb(sr.wandb_metrics(report), step)
+    return report
+
+
+def _log_to_wandb(values: dict, step: int) -> None:
+    import wandb
+
+    if values and wandb.run is not None:
+        wandb.run.log({**values, "train/global_step": step})
+
+
+def readiness_only(run: Run, prepared: Prepared) -> int:
+    """`--readiness`: score the finished model in save_dir; update metrics.json, the model card and the plot."""
+    import json
+
+    import sft_report
+
+    save_dir = run.cfg.sft_training.save_dir
+    path = os.path.join(save_dir, "metrics.json")
+    metrics = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            metrics = json.load(f)
+    run_env.start_wandb(run.cfg, resume_from=save_dir)
+    report = readiness(run, prepared, step=metrics.get("global_step", 0))
+    if report is None or not metrics:
+        return 0
+    metrics["readiness"] = report
+    sft_report.save_metrics(save_dir, metrics)
+    sft_report.write_parts(save_dir, sft_report.card_parts(run.cfg, metrics))
+    return 0
 
 
 def _after_save(run: Run) -> int:

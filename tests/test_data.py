@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 
 from conftest import SAMPLE
-from data_process_sft import build_sft_dataset, load_raw_dataset
+from data_process_sft import build_sft_dataset, hh_to_sft_messages, load_raw_dataset
 
 ROWS = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}]
@@ -53,7 +53,10 @@ def test_sample_report_counts_every_drop_reason(llama32_tokenizer):
     assert report.rows_read == len(raw) == report.rows_kept + sum(report.dropped.values())
     assert report.dropped == {"chosen_not_a_string": 1, "no_assistant_turn": 1}
     assert len(data) == report.rows_kept
-    assert set(data.column_names) == {"messages", "input_ids", "labels", "length", "num_trained"}
+    assert set(data.column_names) == {"messages", "row", "input_ids", "labels", "length", "num_trained"}
+    rows = data["row"]
+    assert rows == sorted(set(rows)) and len(rows) == len(raw) - 2  # the two dropped rows are missing
+    assert all(hh_to_sft_messages(raw[r]["chosen"])[0] == m for r, m in zip(rows, data["messages"]))
     assert max(len(ids) for ids in data["input_ids"]) <= 128
     assert report.assistant_tokens == sum(sum(x != -100 for x in lab) for lab in data["labels"])
     _, short = build_sft_dataset(raw, llama32_tokenizer, max_length=24, return_report=True)
@@ -64,7 +67,8 @@ def test_sample_report_counts_every_drop_reason(llama32_tokenizer):
 def test_without_a_tokenizer_only_messages_are_built():
     data, report = build_sft_dataset(Dataset.from_list(ROWS + [{"chosen": None, "rejected": None}]),
                                      return_report=True)
-    assert data.column_names == ["messages"] and report.dropped == {"chosen_not_a_string": 1}
+    assert data.column_names == ["messages", "row"] and report.dropped == {"chosen_not_a_string": 1}
+    assert data["row"] == list(range(len(ROWS)))  # the dropped row was the last one
 
 
 def test_second_build_of_the_same_file_reuses_the_cache(tmp_path, llama32_tokenizer, monkeypatch):

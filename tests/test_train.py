@@ -69,6 +69,7 @@ def test_offline_demo_from_a_fresh_copy(tmp_path):
     assert "Built a tiny random-weight base Llama" in out and "replaces the previous demo output" in out
     assert "User: " in out and "\nAssistant: " in out
     assert out.count("rows read 210") == 1  # the data report, once
+    assert "Reference readiness (21 held-out pairs" in out
     assert "matplotlib is not installed" not in out
     save_dir = tmp_path / "demo_run" / "sft_model"
     assert (save_dir / "model.safetensors").is_file() and (save_dir / "training_curves.png").is_file()
