@@ -187,14 +187,15 @@ def last_complete_checkpoint(save_dir: str) -> str | None:
     return max(complete, key=checkpoint_step) if complete else None
 
 
-_LOCK = None  # the open save_dir lock file of this process (released when it exits, however it exits)
+_LOCKS: dict[str, object] = {}  # save_dir -> its open lock file, held until this process exits, however it exits
 
 
 def lock_save_dir(save_dir: str) -> None:
     """An exclusive lock on save_dir for this run's main process. The kernel drops it when the process dies,
     so a killed run leaves no stale lock; a second run on the same folder is refused naming the first."""
-    global _LOCK
-    path = os.path.join(save_dir, ".lock")
+    path = os.path.realpath(os.path.join(save_dir, ".lock"))
+    if path in _LOCKS:
+        return
     handle = open(path, "a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -208,7 +209,14 @@ def lock_save_dir(save_dir: str) -> None:
     handle.truncate()
     handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}")
     handle.flush()
-    _LOCK = handle
+    _LOCKS[path] = handle
+
+
+def unlock_save_dir(save_dir: str) -> None:
+    """Release this process's lock on save_dir (tests; a run keeps it until it exits)."""
+    handle = _LOCKS.pop(os.path.realpath(os.path.join(save_dir, ".lock")), None)
+    if handle is not None:
+        handle.close()
 
 
 # What a run writes into save_dir besides checkpoints; --overwrite removes them all, so no file of an older

@@ -133,3 +133,29 @@ def sft_run(tmp_path_factory, base_model_dir):
                           save_steps=12, save_dir=str(folder / "sft_out"), wandb_project="sft-test")
     out = assert_ok(run_cli("--config", str(config), cwd=folder, env=cli_env(WANDB_DIR=str(folder))))
     return folder, folder / "sft_out", out
+
+
+def real_checkpoint(folder, step, complete=True):
+    """A small checkpoint folder whose files open whole (safetensors weights, torch-saved optimizer and
+    scheduler); without `complete`, no trainer_state.json, as when a kill cut the save short."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(folder) / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    save_file({"w": torch.randn(64, 64)}, path / "model.safetensors")
+    torch.save({"state": {0: torch.randn(64)}}, path / "optimizer.pt")
+    torch.save({"last_epoch": step}, path / "scheduler.pt")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _release_save_dir_locks():
+    """prepare_save_dir locks save_dir for the life of the process: release what a test took."""
+    yield
+    import run_env
+
+    for path in list(run_env._LOCKS):
+        run_env.unlock_save_dir(os.path.dirname(path))

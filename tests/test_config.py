@@ -72,6 +72,8 @@ def test_bad_files_and_sections(tmp_path, text, message):
         load_config(str(path))
 
 
+@pytest.mark.cli
+@pytest.mark.cli
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"warmup_step": 10}, "unknown key 'warmup_step' in 'sft_training' (did you mean 'warmup_steps'?)"),
     ({"max_grad_norm": "big"}, "sft_training.max_grad_norm: expected float, got 'big'"),
@@ -88,6 +90,7 @@ def test_cli_bad_config_exits_2_with_one_line_naming_the_problem(tmp_path, overr
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.cli
 def test_cli_missing_local_dataset_and_config_file(tmp_path):
     path = write_config(tmp_path)
     path.write_text(path.read_text().replace("Anthropic/hh-rlhf", "./nowhere/hh.jsonl"))
@@ -120,6 +123,7 @@ def test_overrides_on_the_command_line_are_validated_like_the_file():
         load_config(str(REPO / "config_dpo.yaml"), ["sft_training.epochs"])
 
 
+@pytest.mark.cli
 def test_cli_override_with_a_typo_is_one_line_before_torch(tmp_path):
     began = time.time()
     result = run_cli("--config", str(REPO / "config_dpo.yaml"), "sft_training.learnin_rate=1e-5")
@@ -147,6 +151,7 @@ def test_non_utf8_config_is_one_line(tmp_path):
         load_config(str(path))
 
 
+@pytest.mark.cli
 def test_offline_dry_run_on_the_real_config_fails_in_seconds_naming_both_fixes(tmp_path):
     """No network (the Hub endpoint refuses): one line and exit 2 within seconds, not minutes of retries."""
     env = {k: v for k, v in cli_env(HF_ENDPOINT="http://127.0.0.1:9").items()
@@ -161,6 +166,7 @@ def test_offline_dry_run_on_the_real_config_fails_in_seconds_naming_both_fixes(t
     assert not list(tmp_path.iterdir())  # nothing created before the refusal
 
 
+@pytest.mark.cli
 def test_inspect_before_the_first_demo_says_to_run_the_demo(tmp_path):
     (tmp_path / "data").mkdir()
     shutil.copy(REPO / "data" / "hh_sample.jsonl", tmp_path / "data")

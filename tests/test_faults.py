@@ -13,11 +13,10 @@ import yaml
 from safetensors.torch import load_file
 
 import conftest
-import run_env
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, real_checkpoint
 from model_io import prepare_tokenizer
 from run_env import prepare_save_dir
-from sft_config import ConfigError, load_config
+from sft_config import ConfigError
 
 SECRETS = {"HF_TOKEN": "hf_FAKEsecretTOKEN123456789", "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567"}
 
@@ -147,26 +146,18 @@ def test_secrets_are_never_printed_or_written_and_a_failed_push_keeps_the_model(
 
 
 # --- pre-flight: one line, exit 2, before any model is loaded ------------------------------------------------
-def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
-    path = folder / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"x")
-    if complete:
-        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    return path
-
-
 def test_resume_picks_the_last_complete_checkpoint_and_drops_an_incomplete_one(tmp_path):
-    fake_checkpoint(tmp_path, 9)
-    fake_checkpoint(tmp_path, 12)  # newer than checkpoint-9 by number, older by string order
-    half = fake_checkpoint(tmp_path, 15, complete=False)  # killed while writing
+    real_checkpoint(tmp_path, 9)
+    real_checkpoint(tmp_path, 12)  # newer than checkpoint-9 by number, older by string order
+    half = real_checkpoint(tmp_path, 15, complete=False)  # killed while writing
     assert prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-12")
     assert not half.exists()
 
 
 def test_finished_model_is_never_trained_over_silently(tmp_path):
-    fake_checkpoint(tmp_path, 3)
+    real_checkpoint(tmp_path, 3)
     (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "metrics.json").write_text("{}")  # written after the weights: the run finished
     with pytest.raises(ConfigError, match="already holds a finished model; pass --overwrite"):
         prepare_save_dir(str(tmp_path), overwrite=False)
     assert prepare_save_dir(str(tmp_path), overwrite=True) is None
@@ -211,14 +202,6 @@ def test_preflight_failures_are_one_line_exit_2(tmp_path, base_model_dir, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
     assert PREFLIGHT[case] in lines[0]
     assert not (tmp_path / "out" / "checkpoint-1").exists()
-
-
-def test_disk_space_check_names_what_is_needed(tmp_path, base_model_dir, monkeypatch):
-    cfg = load_config(str(write_config(tmp_path, base_model_dir)))
-    (tmp_path / "out").mkdir()
-    monkeypatch.setattr(run_env.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
-    with pytest.raises(ConfigError, match=r"GiB free, a checkpoint and the final model of 0\.00B parameters need"):
-        run_env.check_disk_space(cfg)
 
 
 def test_tokenizer_without_llama3_chat_tokens_is_refused():

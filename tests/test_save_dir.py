@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import run_env
-from conftest import REPO, SAMPLE, assert_ok, cli_env, run_cli, write_config
+from conftest import REPO, SAMPLE, assert_ok, cli_env, real_checkpoint, run_cli, write_config
 from data_process_sft import load_hh_rows
 from sft_config import ConfigError
 
@@ -77,6 +77,7 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_each_change(tmp_path):
 
 
 # --- one run per save_dir ------------------------------------------------------------------------------------
+@pytest.mark.cli
 def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path, base_model_dir):
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(REPO)!r}); "
                                f"import run_env; run_env.lock_save_dir({str(tmp_path / 'out')!r}); time.sleep(120)"])
@@ -91,20 +92,10 @@ def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_n
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     run_env.lock_save_dir(str(tmp_path / "out"))  # the kernel released the dead holder's lock
-    run_env._LOCK.close()
+    run_env.unlock_save_dir(str(tmp_path / "out"))
 
 
 # --- damaged checkpoints -------------------------------------------------------------------------------------
-def real_checkpoint(folder, step):
-    path = folder / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    save_file({"w": torch.randn(64, 64)}, path / "model.safetensors")
-    torch.save({"state": {0: torch.randn(64)}}, path / "optimizer.pt")
-    torch.save({"last_epoch": step}, path / "scheduler.pt")
-    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    return path
-
-
 @pytest.mark.parametrize(("name", "damage"), [("model.safetensors", "truncate"), ("optimizer.pt", "truncate"),
                                               ("scheduler.pt", "empty")])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, name, damage):
@@ -114,7 +105,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_
     (newest / name).write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
     assert run_env.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-9")
     assert not newest.exists() and (tmp_path / "checkpoint-12.damaged" / name).exists()
-    run_env._LOCK.close()
+    run_env.unlock_save_dir(str(tmp_path))
 
 
 # --- a full disk ---------------------------------------------------------------------------------------------
@@ -177,7 +168,7 @@ def test_overwrite_removes_every_file_of_the_older_run(tmp_path):
         (tmp_path / name).write_text("old")
     assert run_env.prepare_save_dir(str(tmp_path), overwrite=True) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-    run_env._LOCK.close()
+    run_env.unlock_save_dir(str(tmp_path))
 
 
 # --- bad input named by file and line --------------------------------------------------------------------------
@@ -195,6 +186,7 @@ def test_a_malformed_jsonl_line_is_named(tmp_path):
         load_hh_rows(str(data), "train")
 
 
+@pytest.mark.cli
 def test_inspect_on_data_without_chosen_is_one_line(tmp_path, base_model_dir):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"text": "hi"}\n')
