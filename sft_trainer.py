@@ -1,6 +1,7 @@
 """The trainer: TRL's SFTTrainer plus what a long unattended run needs, and the config that drives it.
 
     build_sft_config(cfg)        the `sft_training` section as TRL's SFTConfig (one place, every key)
+    prefer_fast_attention()      on CUDA, SDPA without its cuDNN backend (measured 1.6x on the default path)
     batches_ready(data, ...)     the columns the trainer reads (length-grouped or packed)
     SFTRunTrainer                SFTTrainer + signals, NaN/inf guard, token-weighted eval accuracy, our sampler,
                                  the configured learning rate on resume
@@ -68,6 +69,19 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1) -> SFTConfig:
         hub_model_id=t.hub_model_id,
         eos_token="<|eot_id|>",
     )
+
+
+def prefer_fast_attention() -> str | None:
+    """On CUDA, turn SDPA's cuDNN backend off (flash / memory-efficient kernels instead); a note, or None.
+
+    Measured on an H200 (torch 2.11, bf16, Llama-3.2-1B shape): SDPA picks cuDNN for a masked batch and pays its
+    per-shape set-up again for each new padded length, which length-grouped batches bring almost every step:
+    228 of 343 ms of CPU per step. With it off the default path went from 11.4k to 18.5k real tokens/s.
+    """
+    if not torch.cuda.is_available():
+        return None
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return "SDPA cuDNN backend off (its per-shape set-up cost 1.6x on varying padded lengths)"
 
 
 def batches_ready(data, packing: bool, max_length: int):

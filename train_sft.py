@@ -147,9 +147,10 @@ def prepare(run: Run) -> Prepared:
 # --- trainer ----------------------------------------------------------------------------------------------------
 def build_trainer(run: Run, prepared: Prepared):
     from model_io import load_model
-    from sft_trainer import SFTRunTrainer, WriteRunFingerprint, batches_ready, build_sft_config
+    from sft_trainer import SFTRunTrainer, WriteRunFingerprint, batches_ready, build_sft_config, prefer_fast_attention
 
     cfg, t = run.cfg, run.cfg.sft_training
+    kernel_note = prefer_fast_attention()
     model = load_model(cfg.policy_name, t.attn_implementation)
     model.config.pad_token_id = model.generation_config.pad_token_id = prepared.tokenizer.pad_token_id
     run_env.start_wandb(cfg, prepared.resume_from)
@@ -161,6 +162,8 @@ def build_trainer(run: Run, prepared: Prepared):
     )
     if trainer.is_world_process_zero():
         print_start_summary(cfg, trainer, prepared, len(train_data))
+        if kernel_note:
+            print(f"  GPU: {kernel_note}")
         if prepared.resume_from:
             print(f"Resuming from {prepared.resume_from} (step {run_env.checkpoint_step(prepared.resume_from)}); "
                   "--overwrite starts fresh")

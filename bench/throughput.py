@@ -4,12 +4,16 @@
     python bench/throughput.py --model-shape llama-3.2-1b       # GPU: exact Llama-3.2-1B shape, bf16, + MFU
     python bench/throughput.py --model-shape llama-3.2-1b --modes baseline,ours,ours+liger
 
-Every mode trains the same randomly initialised model on the same real HH conversations (../shared/data/hh-rlhf
-when present, else the project's sample), tokenized and labelled once by data_process_sft, for one pass over the
-same number of conversations, through the same SFTTrainer setup train_sft.py builds. Only the batching differs:
+Every mode trains the same randomly initialised model on the same real HH conversations (data/hh-rlhf), tokenized
+and labelled once by data_process_sft, for one pass over the same number of conversations, through the same
+SFTTrainer setup train_sft.py builds (but `limit`). Only the batching differs:
   baseline  random batches padded to the longest (the plan's and the DPO repo's setup), same masks
   ours      the default path: length-grouped batches (sft_trainer.ConversationLengthSampler)
   packing   `packing: true`: TRL's best-fit-decreasing packing, padding-free
+  limit     no Trainer: a hand-written loop (forward, backward, clip, AdamW; fused where the device has it) on the
+            same model, precision and conversations, each step one padding-free row of the same `batch_size`
+            conversations (position_ids restart per conversation, so none attends to another): the speed of
+            the math. `ours_vs_limit` in the JSON is ours / limit.
 Each mode runs in its own process (clean peak memory). The last line printed is one JSON object.
 """
 
@@ -49,7 +53,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, help="conversations per mode (default 160 quick, 2048 else)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--modes", default="baseline,ours,packing")
+    parser.add_argument("--modes", default="baseline,ours,packing,limit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -79,6 +83,8 @@ def main() -> None:
         "baseline_padding_efficiency": base and round(base["padding_efficiency"], 4),
         **{f"{m}_speedup": round(r["real_tokens_per_s"] / base["real_tokens_per_s"], 3)
            for m, r in results.items() if base and m not in ("baseline", "ours")},
+        "ours_vs_limit": round(ours["real_tokens_per_s"] / results["limit"]["real_tokens_per_s"], 3)
+        if ours and "limit" in results else None,
         "device": next(iter(results.values()))["device"],
         "model_shape": args.model_shape, "conversations": conversations, "batch_size": args.batch_size,
         "max_length": args.max_length, "modes": results,
@@ -132,60 +138,108 @@ def run_mode(mode: str, args) -> dict:
     from datasets import load_from_disk
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from sft_trainer import prefer_fast_attention
+
+    gpu = torch.cuda.is_available()
+    prefer_fast_attention()  # as train_sft.py does, for every mode
+    tokenizer = AutoTokenizer.from_pretrained(os.environ["BENCH_TOKENIZER"])
+    data = load_from_disk(os.environ["BENCH_DATA"])
+    real_tokens_total = sum(data["length"])
+    torch.manual_seed(0)
+    shape = SHAPES[args.model_shape]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), use_cache=False, **shape))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    if mode == "limit":
+        durations, real, computed = hand_loop(model, data, args.batch_size, gpu)
+        pack_s, batch_size = 0.0, args.batch_size
+    else:
+        durations, real, computed, pack_s, batch_size = trainer_loop(mode, model, tokenizer, data, args, gpu)
+    return measure(durations, real, computed, pack_s, batch_size, model, shape, real_tokens_total / len(data), gpu)
+
+
+def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool):
+    """One pass through the SFTTrainer setup train_sft.py builds, batched as `mode` says."""
     from data_process_sft import CompletionOnlyCollator
     from sft_config import Config, DatasetConfig, SFTTrainingConfig
     from sft_trainer import SFTRunTrainer, batches_ready, build_sft_config
 
-    gpu = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(os.environ["BENCH_TOKENIZER"])
-    data = load_from_disk(os.environ["BENCH_DATA"])
     packing = mode == "packing"
     start = time.perf_counter()
     train_data = batches_ready(data, packing, args.max_length)
     pack_s = time.perf_counter() - start if packing else 0.0
-    real_tokens_total = sum(data["length"])
     # Packed rows hold several conversations: a packed batch takes as many tokens as an ideal unpadded batch.
     batch_size = args.batch_size if not packing else max(
-        1, round(args.batch_size * real_tokens_total / len(data) / args.max_length))
-
+        1, round(args.batch_size * sum(data["length"]) / len(data) / args.max_length))
     cfg = Config(
         policy_name="bench", precision="bf16" if gpu else "fp32", dataset=DatasetConfig(),
         sft_training=SFTTrainingConfig(
             batch_size=batch_size, max_length=args.max_length, epochs=1, warmup_steps=0, packing=packing,
             wandb_project=None, save_dir=str(Path(os.environ["BENCH_DATA"]).parent / f"out-{mode}"),
             log_steps=10_000, eval_steps=10_000, save_steps=10_000, use_liger_kernel=mode.endswith("+liger"),
-            gradient_checkpointing=False))
+            gradient_checkpointing=False, readiness_pairs=0))
     sft_config = build_sft_config(cfg)
     sft_config.eval_strategy = sft_config.save_strategy = "no"
     sft_config.disable_tqdm = True
     if mode == "baseline":  # without a `length` column the trainer falls back to transformers' random sampler
         train_data = train_data.remove_columns("length")
-
-    torch.manual_seed(0)
-    shape = SHAPES[args.model_shape]
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), use_cache=False, **shape))
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-    collator = None if packing else CompletionOnlyCollator(tokenizer)
-    counter = TokenCounter()
-    timer = StepTimer()
-    trainer = SFTRunTrainer(model=model, args=sft_config, train_dataset=train_data,
-                                             processing_class=tokenizer, data_collator=collator,
-                                             callbacks=[timer])
+    counter, timer = TokenCounter(), StepTimer()
+    trainer = SFTRunTrainer(model=model, args=sft_config, train_dataset=train_data, processing_class=tokenizer,
+                            data_collator=None if packing else CompletionOnlyCollator(tokenizer), callbacks=[timer])
     trainer.data_collator = counter.wrap(trainer.data_collator)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    return timer.durations, counter.real, counter.computed, pack_s, batch_size
 
-    # Steady state: every step but the first (allocation, autotuning).
-    steps = len(timer.durations)
-    measured_time = sum(timer.durations[1:])
-    measured_real = sum(counter.real[1:steps])
+
+def hand_loop(model, data, batch_size: int, gpu: bool):
+    """The speed of the math: forward, backward, clip, AdamW on padding-free rows, no Trainer, no metrics."""
+    import torch
+
+    from sft_trainer import ConversationLengthSampler
+
+    device = "cuda" if gpu else "cpu"
+    model.to(device).train()
+    order = list(ConversationLengthSampler(data["length"], batch_size, seed=42))
+    rows = data.select_columns(["input_ids", "labels"])
+    steps = []
+    for begin in range(0, len(order), batch_size):  # built before timing: a real loop prefetches them
+        batch = rows.select(order[begin: begin + batch_size])
+        ids, labels = batch["input_ids"], batch["labels"]
+        steps.append([torch.tensor([sum(ids, [])]), torch.tensor([sum(labels, [])]),
+                      torch.cat([torch.arange(len(r)) for r in ids])[None]])
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, foreach=True)
+    durations, real = [], []
+    for input_ids, labels, position_ids in steps:
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
+            loss = model(input_ids=input_ids.to(device), labels=labels.to(device),
+                         position_ids=position_ids.to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if gpu:
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+        real.append(input_ids.numel())
+    return durations, real, real
+
+
+def measure(durations, real, computed, pack_s, batch_size, model, shape, mean_len, gpu) -> dict:
+    """Steady state: every step but the first (allocation, autotuning)."""
+    import torch
+
+    steps = len(durations)
+    measured_time = sum(durations[1:])
     result = {
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "steps": steps, "batch_size": batch_size,
-        "real_tokens_per_s": measured_real / measured_time,
-        "padding_efficiency": sum(counter.real) / sum(counter.computed),
+        "real_tokens_per_s": sum(real[1:steps]) / measured_time,
+        "padding_efficiency": sum(real) / sum(computed),
         "step_time_s": measured_time / max(steps - 1, 1),
         "peak_memory_gb": (torch.cuda.max_memory_allocated() if gpu else
                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
@@ -195,7 +249,6 @@ def run_mode(mode: str, args) -> dict:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         n_params = sum(p.numel() for p in model.parameters())
-        mean_len = real_tokens_total / len(data)
         flops_per_token = 6 * n_params + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * mean_len
         result["mfu"] = result["real_tokens_per_s"] * flops_per_token / peak if peak else None
     return result

@@ -2,6 +2,8 @@
 well-formed alternating messages; the collator's labels are exactly the assistant contents and their
 <|eot_id|>, whatever the text holds (unicode, control characters, literal special-token strings)."""
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +23,9 @@ PIECES = st.one_of(
                      "\n\n", "\r\n", " ", "\t", "\x00", "\x1f", "\u200b", *SPECIAL_STRINGS]),
     TEXT,
 )
-PROPERTY = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 2,000 examples; 50 in a mutation run (mutmut runs the covering tests once per mutant)
+PROPERTY = settings(max_examples=50 if os.environ.get("MUTANT_UNDER_TEST") else 2000, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY

