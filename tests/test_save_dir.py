@@ -162,6 +162,19 @@ def test_a_run_killed_after_its_weights_were_renamed_is_finished_by_the_rerun(tm
     assert (out / "samples.jsonl").is_file() and (out / "README.md").is_file()
 
 
+@pytest.mark.slow
+def test_overwrite_on_the_command_line_trains_fresh_over_a_finished_model(tmp_path, base_model_dir):
+    config = write_config(tmp_path, base_model_dir, save_steps=4, readiness_pairs=0)
+    assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    refused = run_cli("--config", str(config), cwd=tmp_path)
+    assert refused.returncode == 2 and "already holds a finished model; pass --overwrite" in refused.stderr
+    (tmp_path / "out" / "checkpoint-999").mkdir()  # would be resumed from, were it not removed
+    (tmp_path / "out" / "checkpoint-999" / "trainer_state.json").write_text("{}")
+    out = assert_ok(run_cli("--config", str(config), "--overwrite", cwd=tmp_path))
+    assert "Resuming" not in out and not (tmp_path / "out" / "checkpoint-999").exists()
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"] > 0
+
+
 def test_overwrite_removes_every_file_of_the_older_run(tmp_path):
     real_checkpoint(tmp_path, 3)
     for name in ("model.safetensors", "metrics.json", "samples.jsonl", "training_curves.png", "README.md"):

@@ -1,0 +1,86 @@
+"""SFTRunTrainer in process, on a tiny model: the batches it trains on come from the length-grouped sampler in its
+order, a NaN or inf loss stops the run before the optimizer touches the weights, and eval_accuracy is the
+token-weighted accuracy over every assistant token of the eval set."""
+
+import math
+
+import pytest
+import torch
+import trl
+
+from conftest import SAMPLE
+from data_process_sft import CompletionOnlyCollator, build_sft_dataset, load_raw_dataset
+from model_io import prepare_tokenizer
+from sft_config import load_config
+from sft_demo import train_llama3_style_tokenizer
+from sft_trainer import ConversationLengthSampler, NonFiniteLoss, SFTRunTrainer, batches_ready, build_sft_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small BPE with the Llama-3 special tokens, 40 tokenized HH conversations, a tiny random Llama."""
+    raw = load_raw_dataset(str(SAMPLE), "train[:40]")
+    tokenizer = prepare_tokenizer(train_llama3_style_tokenizer(
+        (r for r in raw["chosen"] if isinstance(r, str)), vocab_size=400))
+    data = build_sft_dataset(raw, tokenizer, max_length=96)
+    return tokenizer, data, tmp_path_factory.mktemp("tiny")
+
+
+def make_trainer(tiny, tmp_path, steps=3, **sft):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, data, _ = tiny
+    path = tmp_path / "c.yaml"
+    training = {"batch_size": 4, "eval_batch_size": 3, "max_length": 96, "save_dir": str(tmp_path / "out"),
+                "wandb_project": None, "warmup_steps": 0, "learning_rate": 1e-2, "log_steps": 1, **sft}
+    path.write_text(f"policy_name: tiny\ndataset: {{}}\nsft_training: {training}\n")
+    cfg = load_config(str(path))
+    args = build_sft_config(cfg, max_steps=steps)
+    args.eval_strategy = args.save_strategy = "no"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    split = data.train_test_split(test_size=0.25, seed=1)
+    return SFTRunTrainer(model=model, args=args, processing_class=tokenizer,
+                         data_collator=CompletionOnlyCollator(tokenizer),
+                         train_dataset=batches_ready(split["train"], False, 96),
+                         eval_dataset=batches_ready(split["test"], False, 96))
+
+
+def test_training_batches_come_from_the_length_sampler_in_its_order(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, ConversationLengthSampler)
+    lengths = trainer.train_dataset["length"]
+    expected = [lengths[i] for i in ConversationLengthSampler(lengths, 4, seed=42)]
+    seen = [n for batch in trainer.get_train_dataloader() for n in batch["attention_mask"].sum(1).tolist()]
+    assert seen == expected
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_loss_stops_before_the_update(tiny, tmp_path, monkeypatch, bad):
+    trainer = make_trainer(tiny, tmp_path)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    step = trl.SFTTrainer.training_step
+    monkeypatch.setattr(trl.SFTTrainer, "training_step", lambda self, *a, **k: step(self, *a, **k) * bad)
+    with pytest.raises(NonFiniteLoss, match=rf"the training loss became {bad} at step 1"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_eval_accuracy_is_token_weighted_over_the_whole_eval_set(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path, steps=40, learning_rate=3e-2)
+    trainer.train()  # some skill, so that accuracy is neither 0 nor the same in every batch
+    metrics = trainer.evaluate()
+    hits = tokens = 0
+    batch_means = []
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            correct = (logits[:, :-1].argmax(-1) == labels) & mask
+            hits, tokens = hits + correct.sum().item(), tokens + mask.sum().item()
+            batch_means.append(correct.sum().item() / mask.sum().item())
+    assert metrics["eval_accuracy"] == pytest.approx(hits / tokens, abs=1e-6)
+    assert abs(sum(batch_means) / len(batch_means) - hits / tokens) > 1e-4  # the per-batch mean differs here
