@@ -124,6 +124,23 @@ def test_overrides_on_the_command_line_are_validated_like_the_file():
         load_config(str(REPO / "config_dpo.yaml"), ["sft_training.epochs=two"])
     with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         load_config(str(REPO / "config_dpo.yaml"), ["sft_training.epochs"])
+    assert load_config(str(REPO / "config_dpo.yaml"), ["sft_training.run_name=a=b"]).sft_training.run_name == "a=b"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sft_trainin.epochs=2", r"^unknown key 'sft_trainin' in top level \(did you mean 'sft_training'\?\)$"),
+    ("policy_name.x=1", r"^override 'policy_name\.x=1': policy_name is not a section$"),
+    ("sft_training.epochs=[1", r"^override 'sft_training\.epochs=\[1': the value is not valid YAML$"),
+])
+def test_bad_overrides_are_one_line_naming_them(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(REPO / "config_dpo.yaml"), [override])
+
+
+def test_an_override_can_fill_a_section_the_file_leaves_out(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("policy_name: m\nsft_training: {}\n")
+    assert load_config(str(path), ["dataset.val_ratio=0.3"]).dataset.val_ratio == 0.3
 
 
 @pytest.mark.cli

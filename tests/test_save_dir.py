@@ -108,6 +108,29 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_
     run_env.unlock_save_dir(str(tmp_path))
 
 
+def test_damage_is_found_in_every_checkpoint_file_kind_and_whole_files_pass(tmp_path):
+    from safetensors.torch import save_file
+
+    path = real_checkpoint(tmp_path, 5)
+    save_file({}, path / "empty.safetensors")  # no tensors: its size is just the header
+    save_file({"w": torch.ones(8)}, path / "with_metadata.safetensors", metadata={"format": "pt"})
+    for name in ("rng_state.pth", "training_args.bin"):
+        torch.save({"x": torch.ones(4)}, path / name)
+    assert run_env.damaged_file(str(path)) is None
+    for name in ("with_metadata.safetensors", "rng_state.pth", "training_args.bin"):
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[:-10])
+        assert run_env.damaged_file(str(path)) == name
+        (path / name).write_bytes(data)
+
+
+def test_nothing_to_resume_in_a_missing_or_half_written_folder(tmp_path):
+    assert run_env.last_complete_checkpoint(str(tmp_path / "absent")) is None
+    real_checkpoint(tmp_path, 3, complete=False)
+    assert run_env.last_complete_checkpoint(str(tmp_path)) is None
+    run_env.check_same_run(str(real_checkpoint(tmp_path, 4)), {"processes": 1})  # no fingerprint: older run
+
+
 # --- a full disk ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_disk_full_at_a_checkpoint_is_one_line_and_the_rerun_resumes(tmp_path, base_model_dir):

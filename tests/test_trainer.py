@@ -2,6 +2,7 @@
 order, a NaN or inf loss stops the run before the optimizer touches the weights, and eval_accuracy is the
 token-weighted accuracy over every assistant token of the eval set."""
 
+import json
 import math
 
 import pytest
@@ -84,3 +85,36 @@ def test_eval_accuracy_is_token_weighted_over_the_whole_eval_set(tiny, tmp_path)
             batch_means.append(correct.sum().item() / mask.sum().item())
     assert metrics["eval_accuracy"] == pytest.approx(hits / tokens, abs=1e-6)
     assert abs(sum(batch_means) / len(batch_means) - hits / tokens) > 1e-4  # the per-batch mean differs here
+
+
+def test_final_save_writes_the_run_precision_a_stop_at_eot_and_portable_files(tiny, tmp_path):
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+
+    from model_io import save_final_model
+
+    tokenizer = tiny[0]
+    trainer = make_trainer(tiny, tmp_path)
+    trainer.train()
+    save_dir = tmp_path / "out"
+    save_final_model(trainer, tokenizer, str(save_dir), "bf16")
+    with safe_open(save_dir / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    generation = GenerationConfig.from_pretrained(save_dir)
+    assert generation.eos_token_id[0] == eot and generation.pad_token_id == tokenizer.pad_token_id
+    config = json.loads((save_dir / "config.json").read_text())
+    assert config["use_cache"] is True and "rope_theta" in config
+    assert json.loads((save_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (save_dir / "trainer_state.json").is_file() and not (save_dir / ".final-model-tmp").exists()
+
+
+def test_a_resume_trains_with_the_configured_learning_rate(tiny, tmp_path):
+    first = make_trainer(tiny, tmp_path, steps=4, lr_scheduler_type="constant", learning_rate=0.05)
+    first.args.save_strategy, first.args.save_steps = "steps", 2
+    first.train()
+    resumed = make_trainer(tiny, tmp_path, steps=4, lr_scheduler_type="constant", learning_rate=0.001)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    rates = {h["step"]: h["learning_rate"] for h in resumed.state.log_history if "learning_rate" in h}
+    assert rates[1] == rates[2] == 0.05 and rates[3] == rates[4] == 0.001
+    assert all(g["lr"] == 0.001 for g in resumed.optimizer.param_groups)
