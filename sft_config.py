@@ -200,8 +200,6 @@ def _one_line(error: dict) -> str:
     if kind == "extra_forbidden":
         *section, key = loc
         return _unknown(key, list(_model_at(section).model_fields), f"'{section[-1]}'")
-    if kind == "missing":
-        return f"missing required key '{where}'"
     if kind == "model_type":
         return f"{where}: must be a mapping of keys, got {type(value).__name__}"
     if value is None:

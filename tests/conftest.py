@@ -152,6 +152,17 @@ def real_checkpoint(folder, step, complete=True):
 
 
 @pytest.fixture(autouse=True)
+def _mutant_has_its_own_datasets_cache(monkeypatch):
+    """In a mutation run (mutmut sets MUTANT_UNDER_TEST per mutant) the datasets cache, keyed by the source's
+    hash, would serve the unmutated module's results: key it by the mutant too."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST")
+    if mutant:
+        import data_process_sft
+
+        monkeypatch.setattr(data_process_sft, "SOURCE_HASH", data_process_sft.SOURCE_HASH + mutant)
+
+
+@pytest.fixture(autouse=True)
 def _release_save_dir_locks():
     """prepare_save_dir locks save_dir for the life of the process: release what a test took."""
     yield

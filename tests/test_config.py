@@ -47,7 +47,8 @@ def test_missing_keys_take_documented_defaults(tmp_path):
     ({"learning_rate": -1e-5}, r"sft_training\.learning_rate: must be greater than 0"),
     ({"epochs": 0}, r"sft_training\.epochs: must be greater than 0"),
     ({"gradient_checkpointing": "yes"}, r"sft_training\.gradient_checkpointing: expected bool"),
-    ({"lr_scheduler_type": "cosin"}, r"sft_training\.lr_scheduler_type: must be one of"),
+    ({"lr_scheduler_type": "cosin"}, r"sft_training\.lr_scheduler_type: must be one of linear, cosine, "),
+    ({"learning_rate": float("nan")}, r"sft_training\.learning_rate: must be finite, got nan"),
     ({"save_dir": None}, r"sft_training\.save_dir: must not be null"),
 ])
 def test_bad_sft_values_name_the_key(tmp_path, overrides, message):
@@ -61,7 +62,7 @@ def test_bad_sft_values_name_the_key(tmp_path, overrides, message):
     ("policy_name: m\ndataset: {val_ratio: 0}\nsft_training: {}\n", r"dataset\.val_ratio: must be greater than 0"),
     ("policy_name: m\nprecision: bf32\ndataset: {}\nsft_training: {}\n", r"precision: must be one of"),
     ("policy_name: m\ndataset: {}\nsft_trainig: {}\n", r"unknown key 'sft_trainig' in top level"),
-    ("policy_name: m\ndataset: []\nsft_training: {}\n", r"dataset: must be a mapping"),
+    ("policy_name: m\ndataset: []\nsft_training: {}\n", r"dataset: must be a mapping of keys, got list"),
     ("- just\n- a list\n", r"must be a YAML mapping"),
     ("policy_name: [unclosed\n", r"not valid YAML"),
     ("policy_name: m\ndataset: {}\nsft_training: {}\nsft_training: {epochs: 2}\n", r"duplicate key 'sft_training'"),

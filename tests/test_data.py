@@ -59,6 +59,10 @@ def test_sample_report_counts_every_drop_reason(llama32_tokenizer):
     assert all(hh_to_sft_messages(raw[r]["chosen"])[0] == m for r, m in zip(rows, data["messages"]))
     assert max(len(ids) for ids in data["input_ids"]) <= 128
     assert report.assistant_tokens == sum(sum(x != -100 for x in lab) for lab in data["labels"])
+    full = build_sft_dataset(raw, llama32_tokenizer, max_length=100_000)
+    assert report.truncated == sum(n > 128 for n in full["length"]) > 0
+    turns = [sum(m["role"] == "assistant" for m in conv) for conv in data["messages"]]
+    assert report.assistant_turns_mean == round(sum(turns) / len(turns), 2)
     _, short = build_sft_dataset(raw, llama32_tokenizer, max_length=24, return_report=True)
     assert short.dropped["reply_truncated_away"] > 0
     assert short.rows_kept + sum(short.dropped.values()) == len(raw)

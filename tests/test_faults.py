@@ -146,11 +146,13 @@ def test_secrets_are_never_printed_or_written_and_a_failed_push_keeps_the_model(
 
 
 # --- pre-flight: one line, exit 2, before any model is loaded ------------------------------------------------
-def test_resume_picks_the_last_complete_checkpoint_and_drops_an_incomplete_one(tmp_path):
+def test_resume_picks_the_last_complete_checkpoint_and_drops_an_incomplete_one(tmp_path, capsys):
     real_checkpoint(tmp_path, 9)
     real_checkpoint(tmp_path, 12)  # newer than checkpoint-9 by number, older by string order
     half = real_checkpoint(tmp_path, 15, complete=False)  # killed while writing
     assert prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-12")
+    assert capsys.readouterr().out == (f"Removing incomplete checkpoint {tmp_path / 'checkpoint-15'} (the run was "
+                                       "killed while writing it)\n")
     assert not half.exists()
 
 
@@ -158,7 +160,8 @@ def test_finished_model_is_never_trained_over_silently(tmp_path):
     real_checkpoint(tmp_path, 3)
     (tmp_path / "model.safetensors").write_bytes(b"x")
     (tmp_path / "metrics.json").write_text("{}")  # written after the weights: the run finished
-    with pytest.raises(ConfigError, match="already holds a finished model; pass --overwrite"):
+    with pytest.raises(ConfigError, match=r"already holds a finished model; pass --overwrite to train over it, "
+                                          r"or set another sft_training\.save_dir$"):
         prepare_save_dir(str(tmp_path), overwrite=False)
     assert prepare_save_dir(str(tmp_path), overwrite=True) is None
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "model.safetensors").exists()

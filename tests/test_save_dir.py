@@ -98,13 +98,15 @@ def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_n
 # --- damaged checkpoints -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "damage"), [("model.safetensors", "truncate"), ("optimizer.pt", "truncate"),
                                               ("scheduler.pt", "empty")])
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, name, damage):
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, name, damage, capsys):
     real_checkpoint(tmp_path, 9)
     newest = real_checkpoint(tmp_path, 12)
     data = (newest / name).read_bytes()
     (newest / name).write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
     assert run_env.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-9")
     assert not newest.exists() and (tmp_path / "checkpoint-12.damaged" / name).exists()
+    assert capsys.readouterr().out == (f"Setting aside damaged checkpoint {newest} ({name} does not open whole) as "
+                                       f"{newest}.damaged\n")
     run_env.unlock_save_dir(str(tmp_path))
 
 
@@ -198,8 +200,23 @@ def test_overwrite_on_the_command_line_trains_fresh_over_a_finished_model(tmp_pa
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"] > 0
 
 
+def test_weights_without_metrics_are_finished_from_the_last_checkpoint(tmp_path, capsys):
+    real_checkpoint(tmp_path, 8)
+    (tmp_path / "model.safetensors").write_text("weights renamed into place, then killed")
+    assert run_env.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-8")
+    assert "whose final save was cut short: finishing it from " + str(tmp_path / "checkpoint-8") in \
+        capsys.readouterr().out
+
+
+def test_an_unwritable_save_dir_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=rf"^sft_training\.save_dir: {tmp_path}/a_file/out is not writable \("):
+        run_env.prepare_save_dir(str(tmp_path / "a_file" / "out"), overwrite=False)
+
+
 def test_overwrite_removes_every_file_of_the_older_run(tmp_path):
     real_checkpoint(tmp_path, 3)
+    (tmp_path / ".final-model-tmp").mkdir()  # a final save cut short
     for name in ("model.safetensors", "metrics.json", "samples.jsonl", "training_curves.png", "README.md"):
         (tmp_path / name).write_text("old")
     assert run_env.prepare_save_dir(str(tmp_path), overwrite=True) is None
