@@ -96,3 +96,9 @@ def test_second_build_of_the_same_file_reuses_the_cache(tmp_path, llama32_tokeni
     assert not calls and second["input_ids"] == first["input_ids"]
     build_sft_dataset(load_raw_dataset(str(path), "train"), llama32_tokenizer, max_length=32)
     assert calls  # another max_length is another cache entry
+    calls.clear()
+    import data_process_sft
+
+    monkeypatch.setattr(data_process_sft, "SOURCE_HASH", "changed-code")  # the preprocessing code changed
+    build_sft_dataset(load_raw_dataset(str(path), "train"), llama32_tokenizer, max_length=64)
+    assert calls  # not served from the old code's cache

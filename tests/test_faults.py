@@ -103,6 +103,27 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_non_zero(tmp_path, base_m
 
 
 @pytest.mark.slow
+def test_a_second_signal_ends_the_run_at_once(tmp_path, base_model_dir):
+    config = write_config(tmp_path, base_model_dir, save_steps=1000, epochs=50)
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), "--config", str(config)], cwd=tmp_path,
+                                env=cli_env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.time() + 300
+        while "checkpoints and final model" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)  # well inside the step the first one lets finish
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT  # ended by the signal itself, not after a checkpoint
+    assert "SIGINT received: saving a checkpoint after this step" in err and "Stopped by" not in err
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, base_model_dir):
     config = write_config(tmp_path, base_model_dir, learning_rate=1e12, save_steps=1, max_grad_norm=1e12)
     code, out, err = finish(start(config, tmp_path))

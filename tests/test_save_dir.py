@@ -43,19 +43,24 @@ def test_the_nan_advice_works_lower_learning_rate_and_run_the_same_command(tmp_p
              "    return loss * math.nan if self.args.learning_rate > 0.01 and self.state.global_step >= 4 else loss\n"
              "trl.SFTTrainer.training_step = step")
     config = write_config(tmp_path, base_model_dir, subset="train[:96]", learning_rate=0.05, save_steps=2,
-                          lr_scheduler_type="constant", epochs=1)
+                          lr_scheduler_type="constant", epochs=1, wandb_project="nan-advice", readiness_pairs=0)
     script = injected(tmp_path, patch)
-    first = run_cli("--config", str(config), cwd=tmp_path, script=str(script))
+    env = cli_env(WANDB_DIR=str(tmp_path))
+    first = run_cli("--config", str(config), cwd=tmp_path, script=str(script), env=env)
     assert first.returncode == 1 and "the training loss became nan at step 5" in first.stderr
     assert "Last good checkpoint: " + str(tmp_path / "out" / "checkpoint-4") in first.stderr
 
-    changed = run_cli("--config", str(config), "sft_training.batch_size=8", cwd=tmp_path, script=str(script))
+    changed = run_cli("--config", str(config), "sft_training.batch_size=8", cwd=tmp_path, script=str(script),
+                      env=env)
     assert changed.returncode == 2
     assert "was written by a run with other settings (sft_training.batch_size 4 -> 8)" in changed.stderr
 
     config.write_text(config.read_text().replace("learning_rate: 0.05", "learning_rate: 0.001"))
-    second = run_cli("--config", str(config), cwd=tmp_path, script=str(script))
+    second = run_cli("--config", str(config), cwd=tmp_path, script=str(script), env=env)
     assert second.returncode == 0, second.stderr[-3000:]
+    run_id = (tmp_path / "out" / "wandb_run_id").read_text()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # the resume continued the run
     assert "Resuming with learning_rate 0.001 (the checkpoint was trained with 0.05) from step 4" in second.stderr
     rates = logged(tmp_path / "out", "learning_rate")
     assert all(rate == 0.05 for step, rate in rates.items() if step <= 4)
