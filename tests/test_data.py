@@ -63,6 +63,9 @@ def test_sample_report_counts_every_drop_reason(llama32_tokenizer):
     assert report.truncated == sum(n > 128 for n in full["length"]) > 0
     turns = [sum(m["role"] == "assistant" for m in conv) for conv in data["messages"]]
     assert report.assistant_turns_mean == round(sum(turns) / len(turns), 2)
+    assistant_first = Dataset.from_list([{"chosen": "\n\nHuman: \n\nAssistant: a\n\nHuman: b\n\nAssistant: c"}])
+    _, first = build_sft_dataset(assistant_first, llama32_tokenizer, max_length=128, return_report=True)
+    assert first.assistant_turns_mean == 2  # assistant, user, assistant
     _, short = build_sft_dataset(raw, llama32_tokenizer, max_length=24, return_report=True)
     assert short.dropped["reply_truncated_away"] > 0
     assert short.rows_kept + sum(short.dropped.values()) == len(raw)
