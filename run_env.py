@@ -1,10 +1,12 @@
 """Pre-flight and the run's surroundings: everything that must fail in seconds, before a model is loaded.
 
     check_stack()            refuse a transformers/trl outside the supported range (e.g. the DPO repo's env)
-    check_before_loading()   cross-key and environment checks of a valid config
+    check_before_loading()   cross-key and environment checks of a valid config (local paths, Hub reachability)
     loading(kind, name)      any load failure -> one ConfigError line (with the offline route named)
-    prepare_save_dir()       resume, refuse or start fresh; checkpoints cut short are removed
-    check_disk_space(), start_wandb(), hub_token(), redact()
+    prepare_save_dir()       lock save_dir; resume, refuse or start fresh; cut-short checkpoints removed,
+                             damaged ones set aside
+    run_fingerprint(), check_same_run()   resume only under the settings that define the run
+    check_disk_space(), disk_full(), start_wandb(), hub_token(), redact()
 
 Imports nothing heavy at module level: train_sft imports this before torch.
 """

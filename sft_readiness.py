@@ -6,7 +6,8 @@ against rejected (its implicit preference accuracy, where DPO's margins start), 
 spread the chosen-rejected log-prob margins are (the DPO repo's dynamic-beta logic reacts to margins).
 
     held_out_pairs(raw, eval_rows, n)          the SFT eval split's rows as DPO pairs (build_dpo_dataset)
-    reply_logps(model, tokenizer, pairs, ...)  sum and per-token mean log-prob of each chosen/rejected reply
+    reply_sequences(tokenizer, pairs, ...)     the pairs tokenized as SFT does, and where each reply starts
+    reply_logps(model, replies, ...)           sum and per-token mean log-prob of each chosen/rejected reply
     summarize(sft, base)                       the report: means, SFT vs base, preference accuracy, margins
     score_readiness(...)                       both models, one at a time (the base freed after), timed
 """
@@ -31,17 +32,19 @@ def held_out_pairs(raw, eval_rows: list[int], n: int):
     return pairs.select(range(min(n, len(pairs))))
 
 
-def reply_sequences(tokenizer, pairs, max_length: int):
-    """Token ids of prompt + chosen and prompt + rejected (the SFT tokenization: chat template, one BOS, the
-    reply and its <|eot_id|>) and where each reply starts; pairs with a side over max_length are left out."""
-    collator = CompletionOnlyCollator(tokenizer)
+def reply_sequences(tokenizer, pairs, max_length: int) -> tuple[list[int], list[list[int]], list[int]]:
+    """Token ids of prompt + chosen and prompt + rejected of every pair (the SFT tokenization: chat template, one
+    BOS, the reply and its <|eot_id|>, in one batched call) and where each reply starts; pairs with a side over
+    max_length are left out. Returns (kept pair indices, sequences, reply starts), chosen before rejected."""
+    conversations = [pair["prompt"] + pair[side] for pair in pairs for side in ("chosen", "rejected")]
+    ids = tokenize_conversations(tokenizer, conversations)
+    labels = CompletionOnlyCollator(tokenizer).labels_for(ids)
     kept, sequences, starts = [], [], []
-    for i, pair in enumerate(pairs):
-        ids = tokenize_conversations(tokenizer, [pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"]])
-        if max(map(len, ids)) > max_length:
+    for i in range(len(pairs)):
+        if max(len(ids[2 * i]), len(ids[2 * i + 1])) > max_length:
             continue
-        for seq, labels in zip(ids, collator.labels_for(ids)):
-            trained = np.asarray(labels) != IGNORE_INDEX
+        for seq, row in zip(ids[2 * i: 2 * i + 2], labels[2 * i: 2 * i + 2]):
+            trained = np.asarray(row) != IGNORE_INDEX
             sequences.append(seq)
             starts.append(len(seq) - int(np.argmin(trained[::-1])) if not trained.all() else 0)
         kept.append(i)
@@ -49,10 +52,11 @@ def reply_sequences(tokenizer, pairs, max_length: int):
 
 
 @torch.no_grad()
-def reply_logps(model, tokenizer, pairs, *, max_length: int, batch_size: int) -> dict[str, np.ndarray]:
-    """Per pair: `chosen_sum`, `rejected_sum` (log-prob of the final reply and its <|eot_id|> given the prompt)
-    and `chosen_mean`, `rejected_mean` (per reply token). One forward per batch of `batch_size` sequences."""
-    kept, sequences, starts = reply_sequences(tokenizer, pairs, max_length)
+def reply_logps(model, replies, pad_id: int, *, batch_size: int) -> dict[str, np.ndarray]:
+    """Per kept pair of `replies` (reply_sequences): `chosen_sum`, `rejected_sum` (log-prob of the final reply and
+    its <|eot_id|> given the prompt) and `chosen_mean`, `rejected_mean` (per reply token). One forward per batch
+    of `batch_size` sequences."""
+    kept, sequences, starts = replies
     sums, counts = np.zeros(len(sequences)), np.zeros(len(sequences))
     model.eval()
     device = next(model.parameters()).device
@@ -60,7 +64,7 @@ def reply_logps(model, tokenizer, pairs, *, max_length: int, batch_size: int) ->
     for begin in range(0, len(order), batch_size):
         batch = order[begin: begin + batch_size]
         width = max(len(sequences[i]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         reply = torch.zeros((len(batch), width), dtype=torch.bool)
         for row, i in enumerate(batch):
@@ -111,10 +115,11 @@ def score_readiness(sft_dir: str, base_name: str, tokenizer, pairs, *, max_lengt
 
     start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    replies = reply_sequences(tokenizer, pairs, max_length)  # tokenized once, scored by both models
     scores = {}
     for name, folder in (("sft", sft_dir), ("base", base_name)):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
-        scores[name] = reply_logps(model, tokenizer, pairs, max_length=max_length, batch_size=batch_size)
+        scores[name] = reply_logps(model, replies, tokenizer.pad_token_id, batch_size=batch_size)
         del model
         gc.collect()
         if device == "cuda":

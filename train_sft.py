@@ -6,8 +6,9 @@
     python train_sft.py --demo                              # offline: tiny local Llama + the shipped sample
 
 `main()` is the recipe: config -> prepare (save_dir, tokenizer, data) -> trainer -> train -> finish (save,
-report, push). Modules below it: sft_config (schema), run_env (pre-flight), data_process_sft (data),
-model_io (tokenizer/model files), sft_trainer (the trainer), sft_report (end-of-run files), sft_demo.
+readiness, report, push). Modules below it: sft_config (schema), run_env (pre-flight), data_process_sft (data),
+model_io (tokenizer/model files), sft_trainer (the trainer), sft_readiness (held-out DPO pairs scored),
+sft_report (end-of-run files), sft_demo (--demo, --dry-run).
 """
 
 from __future__ import annotations

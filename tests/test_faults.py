@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,12 +37,24 @@ def finish(proc, timeout=600):
     return proc.returncode, out, err
 
 
-def wait_for(path: Path, proc, timeout=300):
+def wait_until(ready, proc, timeout=300):
+    """Poll `ready()` while the run is alive (fails if the run ends first or the time runs out)."""
     deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "the run ended before the checkpoint appeared"
+    while not ready():
+        assert proc.poll() is None, "the run ended before it got there"
         assert time.time() < deadline
         time.sleep(0.02)
+
+
+def start_logged(config, folder):
+    """A run whose stdout and stderr go to files in `folder`, so a test can wait for a line while it runs;
+    returns (process, stdout path, stderr path) once the start summary says training begins."""
+    out, err = folder / "stdout.txt", folder / "stderr.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), "--config", str(config)], cwd=folder,
+                                env=cli_env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    wait_until(lambda: "checkpoints and final model" in out.read_text(), proc)
+    return proc, out, err
 
 
 @pytest.mark.slow
@@ -58,7 +69,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_mo
     killed.mkdir()
     config = write_config(killed, base_model_dir)
     proc = start(config, killed)
-    wait_for(killed / "out" / "checkpoint-6" / "trainer_state.json", proc)
+    wait_until((killed / "out" / "checkpoint-6" / "trainer_state.json").exists, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "out" / "model.safetensors").exists()
@@ -83,18 +94,11 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_mo
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit_non_zero(tmp_path, base_model_dir, sig):
     config = write_config(tmp_path, base_model_dir, save_steps=1000, epochs=5)  # no scheduled checkpoint
-    log = tmp_path / "stdout.txt"
-    with open(log, "w") as stdout:
-        proc = subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), "--config", str(config)], cwd=tmp_path,
-                                env=cli_env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
-                                text=True)
-        deadline = time.time() + 300
-        while "checkpoints and final model" not in log.read_text():  # the start summary: training begins
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
-        time.sleep(3)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=300)
+    proc, _, err_file = start_logged(config, tmp_path)
+    time.sleep(3)
+    proc.send_signal(sig)
+    proc.wait(timeout=300)
+    err = err_file.read_text()
     assert proc.returncode == 128 + sig.value, err[-2000:]
     assert f"Stopped by {sig.name}" in err and "Resume with the same command" in err
     checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
@@ -107,21 +111,12 @@ def test_a_second_signal_ends_the_run_at_once(tmp_path, base_model_dir):
     """The second Ctrl-C is sent once the first one's handler has spoken, well inside the long step it lets
     finish (batches of 16 x 256 tokens over the 128k vocabulary take seconds here)."""
     config = write_config(tmp_path, base_model_dir, save_steps=1000, epochs=50, batch_size=16, max_length=256)
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), "--config", str(config)], cwd=tmp_path,
-                                env=cli_env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
-        deadline = time.time() + 300
-        while "checkpoints and final model" not in out.read_text():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
-        time.sleep(2)
-        proc.send_signal(signal.SIGINT)
-        while "SIGINT received" not in err.read_text():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+    proc, _, err = start_logged(config, tmp_path)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "SIGINT received" in err.read_text(), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGINT  # ended by the signal itself, not after a checkpoint
     assert "Stopped by" not in err.read_text() and not list((tmp_path / "out").glob("checkpoint-*"))
 

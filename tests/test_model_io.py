@@ -7,10 +7,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import HUB_ROPE
 from model_io import cast_saved_weights, write_portable_files
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+LLAMA3_ROPE = {**HUB_ROPE["rope_scaling"], "rope_theta": HUB_ROPE["rope_theta"]}  # as transformers 5 holds it
 
 
 def saved(tmp_path, rope):

@@ -36,7 +36,8 @@ def test_scores_equal_a_direct_per_pair_computation(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     raw = load_raw_dataset(str(REAL_HH), "train[:12]")
     pairs = sr.held_out_pairs(raw, list(range(12)), n=8)
-    scores = sr.reply_logps(model, tokenizer, pairs, max_length=4096, batch_size=3)  # padded batches of 3
+    replies = sr.reply_sequences(tokenizer, pairs, max_length=4096)
+    scores = sr.reply_logps(model, replies, tokenizer.pad_token_id, batch_size=3)  # padded batches of 3
     assert list(scores["pairs"]) == list(range(len(pairs))) and len(pairs) == 8
     for i, pair in enumerate(pairs):
         for side in ("chosen", "rejected"):
@@ -66,7 +67,8 @@ def test_pairs_the_dpo_builder_drops_are_not_scored(model_and_tokenizer):
             {"chosen": "\n\nHuman: q\n\nAssistant: yes", "rejected": "\n\nHuman: q\n\nAssistant: no"}]
     pairs = sr.held_out_pairs(Dataset.from_list(rows), [0, 1, 2, 3], n=10)
     assert [p["chosen"][0]["content"] for p in pairs] == ["hello", "yes"]
-    assert len(sr.reply_logps(model, tokenizer, pairs, max_length=512, batch_size=4)["chosen_sum"]) == 2
+    replies = sr.reply_sequences(tokenizer, pairs, max_length=512)
+    assert len(sr.reply_logps(model, replies, tokenizer.pad_token_id, batch_size=4)["chosen_sum"]) == 2
 
 
 @pytest.mark.slow
