@@ -226,7 +226,7 @@ def unlock_save_dir(save_dir: str) -> None:
 RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
              "training_args.bin", "trainer_state.json", "metrics.json", "samples.jsonl", "training_curves.png",
-             "README.md", "wandb_run_id")
+             "readiness_margins.png", "README.md", "wandb_run_id")
 
 
 def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:

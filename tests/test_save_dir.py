@@ -222,7 +222,8 @@ def test_an_unwritable_save_dir_is_named(tmp_path):
 def test_overwrite_removes_every_file_of_the_older_run(tmp_path):
     real_checkpoint(tmp_path, 3)
     (tmp_path / ".final-model-tmp").mkdir()  # a final save cut short
-    for name in ("model.safetensors", "metrics.json", "samples.jsonl", "training_curves.png", "README.md"):
+    for name in ("model.safetensors", "metrics.json", "samples.jsonl", "training_curves.png", "readiness_margins.png",
+                 "README.md"):
         (tmp_path / name).write_text("old")
     assert run_env.prepare_save_dir(str(tmp_path), overwrite=True) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
