@@ -238,10 +238,12 @@ def _convert_batch(batch, rows, tokenizer, max_length, collator, code):
     return out
 
 
-def build_dpo_dataset(ds, tokenizer=None, *, num_proc: int | None = None, return_report: bool = False):
-    """HH preference rows (`chosen`, `rejected`) -> `prompt`/`chosen`/`rejected` rows for TRL's DPOTrainer,
-    parsed with the same parser as SFT, so the DPO stage scores exactly the sequences the SFT model learned:
-    one BOS, the chat-template turns, the assistant header, the reply and one `<|eot_id|>`.
+def build_dpo_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_proc: int | None = None,
+                      return_report: bool = False):
+    """HH preference rows (`chosen`, `rejected`) -> `prompt`/`chosen`/`rejected` rows for TRL's DPOTrainer (and
+    `row`, the source row's index), parsed with the same parser as SFT, so the DPO stage scores exactly the
+    sequences the SFT model learned: one BOS, the chat-template turns, the assistant header, the reply and one
+    `<|eot_id|>`.
 
     The row shape that gives those sequences depends on the installed TRL, so it is chosen here:
     - TRL 1.x, or no tokenizer: conversational rows: `prompt` = the messages up to the last user turn,
@@ -252,14 +254,19 @@ def build_dpo_dataset(ds, tokenizer=None, *, num_proc: int | None = None, return
       TRL appends eos once. (TRL 0.26 appends eos after a rendered conversational reply too: two `<|eot_id|>`.)
 
     Dropped and counted: non-string fields, rows whose chosen and rejected do not share the conversation before
-    the final reply, rows with an empty final reply, and rows with no prompt.
+    the final reply, rows with an empty final reply, rows with no prompt, and (with `max_length`, which needs the
+    tokenizer) pairs whose longer side is over `max_length` tokens, so that TRL never cuts a pair.
     """
+    if max_length is not None and tokenizer is None:
+        raise ValueError("build_dpo_dataset: max_length needs the tokenizer that counts the tokens")
     render = tokenizer if tokenizer is not None and _trl_major() < 1 else None
     if render is not None and render.eos_token != LLAMA3_END_OF_TURN:
         raise ValueError(f"build_dpo_dataset: the tokenizer's eos must be {LLAMA3_END_OF_TURN} (the SFT model's "
                          f"saved tokenizer has it), got {render.eos_token!r}")
-    mapped = ds.map(_dpo_batch, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
-                    fn_kwargs={"tokenizer": render, "code": SOURCE_HASH}, desc="Parsing HH preference pairs")
+    mapped = ds.map(_dpo_batch, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
+                    fn_kwargs={"render": render, "counter": tokenizer if max_length else None,
+                               "max_length": max_length, "code": SOURCE_HASH},
+                    desc="Parsing HH preference pairs")
     return _keep_and_report(mapped, tokenized=False, return_report=return_report, what="DPO")
 
 
@@ -269,10 +276,10 @@ def _trl_major() -> int:
     return int(version("trl").split(".")[0])
 
 
-def _dpo_batch(batch, tokenizer, code):  # `code`: part of the cache key, see _convert_batch
-    out = {"prompt": [], "chosen": [], "rejected": [], "drop_reason": []}
+def _dpo_batch(batch, rows, render, counter, max_length, code):  # `code`: part of the cache key, see _convert_batch
+    pairs, reasons = [], []
     for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
-        prompt, reply, reason = [], [], ""
+        pair, reason = None, ""
         if not isinstance(chosen, str) or not isinstance(rejected, str):
             reason = "not_a_string"
         else:
@@ -284,17 +291,28 @@ def _dpo_batch(batch, tokenizer, code):  # `code`: part of the cache key, see _c
             elif not good[:-1]:
                 reason = "no_prompt"
             else:
-                prompt, reply = good[:-1], [good[-1], bad[-1]]
-        if tokenizer is None:
+                pair = (good[:-1], good[-1], bad[-1])
+        pairs.append(pair)
+        reasons.append(reason)
+    if counter is not None:  # the SFT tokenization: the same token count TRL gets for prompt + reply + eos
+        sides = []
+        for pair in pairs:
+            sides += [pair[0] + [pair[1]], pair[0] + [pair[2]]] if pair else [[], []]
+        lengths = [len(ids) for ids in tokenize_conversations(counter, sides)]
+        reasons = [r or ("over_max_length" if max(lengths[2 * i: 2 * i + 2]) > max_length else "")
+                   for i, r in enumerate(reasons)]
+    out = {"prompt": [], "chosen": [], "rejected": [], "row": rows, "drop_reason": reasons}
+    for pair in pairs:
+        prompt, good, bad = pair or ([], None, None)
+        if render is None:
             out["prompt"].append(prompt)
-            out["chosen"].append(reply[:1])
-            out["rejected"].append(reply[1:])
+            out["chosen"].append([good] if good else [])
+            out["rejected"].append([bad] if bad else [])
         else:
-            out["prompt"].append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            out["prompt"].append(render.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
                                  if prompt else "")
-            out["chosen"].append(reply[0]["content"] if reply else "")
-            out["rejected"].append(reply[1]["content"] if reply else "")
-        out["drop_reason"].append(reason)
+            out["chosen"].append(good["content"] if good else "")
+            out["rejected"].append(bad["content"] if bad else "")
     return out
 
 

@@ -292,9 +292,10 @@ def readiness(run: Run, prepared: Prepared, step: int) -> dict | None:
 
 
 def _log_to_wandb(values: dict, step: int) -> None:
-    import wandb
-
-    if values and wandb.run is not None:
+    """Log to the W&B run of this process, if there is one (with `wandb_project: null` wandb need not be
+    installed: a GPU run without it once crashed here after training)."""
+    wandb = sys.modules.get("wandb")
+    if values and wandb is not None and wandb.run is not None:
         wandb.run.log({**values, "train/global_step": step})
 
 

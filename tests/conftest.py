@@ -135,6 +135,22 @@ def sft_run(tmp_path_factory, base_model_dir):
     return folder, folder / "sft_out", out
 
 
+@pytest.fixture(scope="session")
+def dpo_stack():
+    """The DPO repo's pins (requirements-dpo-stack.txt), installed with --no-deps over this environment's torch into
+    .dpo-stack (.ci/run installs it first; a developer's first run installs it here in a few seconds)."""
+    stack = REPO / ".dpo-stack"
+    if not (stack / "trl-0.26.2.dist-info").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(stack),
+                        "-r", str(REPO / "requirements-dpo-stack.txt")], check=True, timeout=600)
+    return stack
+
+
+def stack_env(dpo_stack):
+    """A CLI environment whose imports come from the DPO repo's stack first."""
+    return cli_env(PYTHONPATH=str(dpo_stack))
+
+
 def real_checkpoint(folder, step, complete=True):
     """A small checkpoint folder whose files open whole (safetensors weights, torch-saved optimizer and
     scheduler); without `complete`, no trainer_state.json, as when a kill cut the save short."""

@@ -4,7 +4,6 @@ same RoPE, tokenizer, token ids and logits, generation stopping at <|eot_id|>, a
 exactly the sequences SFT trained on (one BOS, one <|eot_id|>)."""
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -12,43 +11,26 @@ import sys
 import pytest
 import torch
 
-from conftest import HUB_ROPE, REAL_HH, REPO, cli_env, run_cli
+from conftest import HUB_ROPE, REAL_HH, REPO, run_cli, stack_env
 
 pytestmark = pytest.mark.slow
-STACK = REPO / ".dpo-stack"
-# What README "Using the model in dynamic-dpo-v1" tells a user to copy into the DPO repo (data_process_sft.py
-# replaces that repo's own file of the same name; the other three are what it imports).
-COPIED = ("data_process_sft.py", "sft_config.py", "run_env.py", "model_io.py")
 
 
-@pytest.fixture(scope="session")
-def dpo_stack():
-    """The DPO repo's pins, installed with --no-deps over this environment's torch (.ci/run installs it first;
-    a developer's first run installs it here, from the package index, in a few seconds)."""
-    if not (STACK / "trl-0.26.2.dist-info").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(STACK),
-                        "-r", str(REPO / "requirements-dpo-stack.txt")], check=True, timeout=600)
-    return STACK
-
-
-def stack_env(dpo_stack):
-    return cli_env(PYTHONPATH=str(dpo_stack))
-
-
-def test_readme_lists_the_files_to_copy():
+def test_readme_gives_the_handoff_commands():
     readme = (REPO / "README.md").read_text()
-    command = re.search(r"^ *cp (.+) path/to/dynamic-dpo-v1/$", readme, re.M)
-    assert command and tuple(command.group(1).split()) == COPIED
+    assert "python dpo_handoff.py check --dpo-repo" in readme and "python dpo_handoff.py install --dpo-repo" in readme
 
 
 @pytest.fixture(scope="module")
 def seen_there(sft_run, dpo_stack, tmp_path_factory):
     """What the DPO stack saw of the SFT output folder, and the folder: tests/dpo_stack_check.py run from a
-    stand-in of the DPO repo that holds only the files the README says to copy."""
+    stand-in of the DPO repo (the test double) after `dpo_handoff.py install`, importing only what it copied."""
     save_dir = sft_run[1]
     dpo_repo = tmp_path_factory.mktemp("dynamic-dpo-v1")
-    for name in (*COPIED, "tests/dpo_stack_check.py"):
-        shutil.copy(REPO / name, dpo_repo)
+    for path in (REPO / "tests" / "dpo_repo_double").glob("*.*"):
+        shutil.copy(path, dpo_repo)
+    assert run_cli("install", "--dpo-repo", str(dpo_repo), script="dpo_handoff.py").returncode == 0
+    shutil.copy(REPO / "tests" / "dpo_stack_check.py", dpo_repo)
     prefix = dpo_repo / "seen"
     result = subprocess.run([sys.executable, "dpo_stack_check.py", str(save_dir), str(REAL_HH), str(prefix)],
                             env=stack_env(dpo_stack), capture_output=True, text=True, timeout=600, cwd=dpo_repo)
