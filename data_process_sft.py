@@ -112,8 +112,20 @@ def check_jsonl(path: str) -> None:
                 try:
                     json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"line {number} of {path} is not valid JSON ({e.msg})") from None
+                    raise ValueError(f"line {number} of {path} is not valid JSON ({_json_problem(text, e)})") from None
             offset += len(line)
+
+
+def _json_problem(text: str, error: json.JSONDecodeError) -> str:
+    """What a bad JSONL line holds, in words: the decoder's message names a character, not the problem."""
+    body = text.rstrip("\r\n")
+    if not body.lstrip().startswith("{"):
+        return f"not a JSON object: it starts {body.lstrip()[:24]!r}"
+    if error.msg.startswith("Unterminated string") or error.pos >= len(body.rstrip()):
+        return f"cut off: it ends inside a value after {len(body)} characters"
+    if error.msg.startswith("Invalid control character"):
+        return f"a raw control character {body[error.pos]!r} inside a string, column {error.colno}"
+    return f"{error.msg}, column {error.colno}"
 
 
 def load_hh_rows(name: str, split: str):
@@ -144,6 +156,16 @@ def read_columns(ds, *names: str) -> dict[str, np.ndarray]:
     """Whole columns of a (possibly split or shuffled) dataset as numpy arrays: ~4x faster than iterating
     `ds[name]` row by row (measured on 135k rows: 1.3 s vs 5.0 s)."""
     return ds.select_columns(list(names)).with_format("numpy")[:]
+
+
+def token_digest(ds) -> str:
+    """sha256 of a tokenized dataset's `input_ids` in row order (one Arrow take, then the flat buffers: ~0.1 s
+    per 100k rows): a resume checks that the data, and so the train/eval split, is the same."""
+    column = ds.with_format("arrow")[:]["input_ids"].combine_chunks()
+    offsets = np.asarray(column.offsets)
+    digest = hashlib.sha256((offsets - offsets[0]).tobytes())
+    digest.update(np.asarray(column.flatten()).tobytes())
+    return digest.hexdigest()
 
 
 @dataclass

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import struct
@@ -72,7 +73,22 @@ def check_before_loading(cfg: Config) -> None:
         _require_gpu(f"sft_training.attn_implementation: {train.attn_implementation} needs a CUDA GPU")
     check_local("dataset.dataset_name", cfg.dataset.dataset_name)
     check_local("policy_name", cfg.policy_name)
+    check_apart(train.save_dir, cfg.policy_name)
     check_hub(cfg.policy_name, cfg.dataset.dataset_name)
+
+
+def check_apart(save_dir: str, policy_name: str) -> None:
+    """save_dir must not be the base model's folder, inside it or around it: a run writes config.json and the
+    weights there, and --overwrite deletes them (found before anything is removed)."""
+    if not os.path.exists(os.path.expanduser(policy_name)):
+        return
+    out, base = (os.path.realpath(os.path.expanduser(p)) for p in (save_dir, policy_name))
+    where = "is" if out == base else "is inside" if out.startswith(base + os.sep) else \
+        "holds" if base.startswith(out + os.sep) else None
+    if where:
+        raise ConfigError(f"sft_training.save_dir: {save_dir} {where} the base model's folder (policy_name: "
+                          f"{policy_name}); a run writes its model files there and --overwrite deletes them: "
+                          "set another save_dir")
 
 
 def looks_local(name: str) -> bool:
@@ -125,13 +141,21 @@ def check_hub(*names: str) -> None:
     remote = [name for name in names if not os.path.exists(os.path.expanduser(name))]
     if not remote or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
         return
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not reachable(endpoint):
+        raise ConfigError(f"cannot reach the Hugging Face Hub ({endpoint}) to load {', '.join(remote)}. "
+                          f"{OFFLINE_HINT}")
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """One TCP connect to the URL's host, in seconds: the Hub and W&B clients retry for minutes."""
+    endpoint = urlparse(url)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection((endpoint.hostname, port), timeout=3.0).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
     except OSError:
-        raise ConfigError(f"cannot reach the Hugging Face Hub ({endpoint.geturl()}) to load {', '.join(remote)}. "
-                          f"{OFFLINE_HINT}") from None
+        return False
 
 
 @contextlib.contextmanager
@@ -152,10 +176,12 @@ def checkpoint_step(path: str) -> int:
 
 
 def _is_complete(checkpoint: str) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    """The Trainer writes trainer_state.json last, then our callback the run's fingerprint (sft_run.json): a
+    checkpoint without both, readable, was cut short (resumed, it could mix two runs' settings unchecked)."""
     try:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-            json.load(f)
+        for name in ("trainer_state.json", FINGERPRINT_FILE):
+            with open(os.path.join(checkpoint, name), encoding="utf-8") as f:
+                json.load(f)
         return True
     except (OSError, ValueError):
         return False
@@ -214,10 +240,13 @@ def lock_save_dir(save_dir: str) -> None:
     _LOCKS[path] = handle
 
 
-def unlock_save_dir(save_dir: str) -> None:
-    """Release this process's lock on save_dir (tests; a run keeps it until it exits)."""
-    handle = _LOCKS.pop(os.path.realpath(os.path.join(save_dir, ".lock")), None)
+def unlock_save_dir(save_dir: str, remove: bool = False) -> None:
+    """Release this process's lock on save_dir (a finished run, with `remove` its .lock file too; tests)."""
+    path = os.path.realpath(os.path.join(save_dir, ".lock"))
+    handle = _LOCKS.pop(path, None)
     if handle is not None:
+        if remove:
+            os.remove(path)
         handle.close()
 
 
@@ -229,12 +258,22 @@ RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json",
              "readiness_margins.png", "README.md", "wandb_run_id")
 
 
+# Files only a run of ours leaves in save_dir: a non-empty folder with none of them belongs to someone else.
+OUR_MARKS = (".lock", "metrics.json", "trainer_state.json", "wandb_run_id", ".final-model-tmp")
+SET_ASIDE = "damaged-"  # damaged-checkpoint-N: a name the Trainer's checkpoint rotation (checkpoint-*) never deletes
+
+
 def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:
     """Lock save_dir and return the checkpoint to resume from (None: start fresh).
 
-    Never trains over a finished model (weights and metrics.json) without --overwrite; a run killed after its
-    weights were renamed into place (no metrics.json yet) is finished from its last checkpoint. Checkpoints a
-    killed run left half-written are removed; damaged ones are set aside as checkpoint-N.damaged."""
+    Never trains over a finished model (weights and metrics.json), nor writes into a non-empty folder that no run
+    of ours wrote, without --overwrite; a run killed after its weights were in place (metrics.json is written
+    last) is finished from its last checkpoint. Checkpoints a killed run left half-written are removed; damaged
+    ones are set aside as damaged-checkpoint-N, kept until the user deletes them."""
+    if not overwrite and (foreign := foreign_files(save_dir)):
+        raise ConfigError(f"sft_training.save_dir: {save_dir} holds files that train_sft.py did not write "
+                          f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); pass --overwrite to "
+                          "write this run's files there (files of other names are left alone), or set another save_dir")
     try:
         os.makedirs(save_dir, exist_ok=True)
         probe = os.path.join(save_dir, ".write-test")
@@ -257,8 +296,9 @@ def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:
             print(f"Removing incomplete checkpoint {path} (the run was killed while writing it)")
             shutil.rmtree(path)
         elif (bad := damaged_file(path)) is not None:
-            print(f"Setting aside damaged checkpoint {path} ({bad} does not open whole) as {path}.damaged")
-            os.replace(path, f"{path}.damaged")
+            aside = _unused(os.path.join(save_dir, SET_ASIDE + os.path.basename(path)))
+            print(f"Setting aside damaged checkpoint {path} ({bad} does not open whole) as {aside}")
+            os.replace(path, aside)
     resume_from = last_complete_checkpoint(save_dir)
     if os.path.exists(os.path.join(save_dir, "model.safetensors")):
         if os.path.exists(os.path.join(save_dir, "metrics.json")) or resume_from is None:
@@ -269,19 +309,61 @@ def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:
     return resume_from
 
 
+def foreign_files(save_dir: str) -> list[str]:
+    """The entries of a non-empty save_dir that no run of ours wrote ([] when it is missing, empty or ours)."""
+    names = sorted(os.listdir(save_dir)) if os.path.isdir(save_dir) else []
+    ours = any(n in OUR_MARKS or CHECKPOINT.match(n) or n.startswith(SET_ASIDE) for n in names)
+    return [] if ours else names
+
+
+def set_aside(save_dir: str) -> list[str]:
+    """The damaged checkpoints set aside in save_dir (named in the start summary until deleted)."""
+    return sorted(n for n in os.listdir(save_dir) if n.startswith(SET_ASIDE)) if os.path.isdir(save_dir) else []
+
+
+def _unused(path: str) -> str:
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
+def tidy_finished(save_dir: str, keep_checkpoints: bool) -> str:
+    """Leave a finished save_dir as the DPO stage and the Hub need it: the resume state (checkpoint-N folders
+    with optimizer and RNG state, ~14 GB at 1B; training_args.bin) goes unless `keep_checkpoints`, and the run
+    lock is released. Returns the line that says what was kept or removed, with its size."""
+    resume = sorted(n for n in os.listdir(save_dir) if CHECKPOINT.match(n))
+    total = sum(os.path.getsize(os.path.join(root, f)) for n in resume
+                for root, _, files in os.walk(os.path.join(save_dir, n)) for f in files)
+    if keep_checkpoints:
+        line = (f"  resume state kept ({', '.join(resume)}, {size(total)}; sft_training.keep_checkpoints: true)"
+                if resume else "  no resume state to keep")
+    else:
+        for name in resume:
+            shutil.rmtree(os.path.join(save_dir, name))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(save_dir, "training_args.bin"))
+        line = (f"  resume state removed ({', '.join(resume)}, {size(total)}); to keep it for more epochs or a "
+                "resume, set sft_training.keep_checkpoints: true" if resume else "  no resume state left")
+    unlock_save_dir(save_dir, remove=True)
+    return line
+
+
 def require_finished_model(save_dir: str) -> None:
     """For `--readiness`: save_dir must hold a finished model."""
     if not os.path.isfile(os.path.join(save_dir, "model.safetensors")):
         raise ConfigError(f"sft_training.save_dir: {save_dir} holds no finished model to score; train first")
 
 
-def run_fingerprint(cfg: Config, report, world_size: int) -> dict:
+def run_fingerprint(cfg: Config, report, data_digest: str, world_size: int) -> dict:
     """The settings that define a run: a checkpoint resumes only under the same ones. Learning rate, schedule,
-    epochs, logging and saving may change on resume (they are applied from the resumed step on)."""
+    epochs, logging and saving may change on resume (they are applied from the resumed step on). `data_digest`
+    covers the token ids in row order: reordered or edited rows give another train/eval split."""
     t = cfg.sft_training
     return {"policy_name": cfg.policy_name, "precision": cfg.precision, **{f"dataset.{k}": v for k, v in
             cfg.dataset.model_dump().items() if k != "max_len"},
-            "data (rows kept, tokens)": [report.rows_kept, report.tokens],
+            "data (rows kept, tokens)": [report.rows_kept, report.tokens], "data (token ids, sha256)": data_digest,
             **{f"sft_training.{k}": getattr(t, k) for k in ("max_length", "batch_size", "gradient_accumulation",
                                                              "packing", "seed", "save_only_model")},
             "processes": world_size}
@@ -322,9 +404,18 @@ def check_disk_space(cfg: Config) -> None:
     need = checkpoint * count + final
     free = shutil.disk_usage(t.save_dir).free
     if free < need:
-        raise ConfigError(f"sft_training.save_dir: {free / 2**30:.1f} GiB free, {count} checkpoints and the final "
-                          f"model of {params / 1e9:.2f}B parameters need ~{need / 2**30:.1f} GiB; free space or "
-                          "lower save_total_limit")
+        raise ConfigError(f"sft_training.save_dir: {size(free)} free, {count} checkpoints and the final model of "
+                          f"{params / 1e9:.2f}B parameters need ~{size(need)}; free space or lower save_total_limit")
+
+
+def size(n_bytes: float) -> str:
+    """Bytes in GiB, or in MiB under 1 GiB (a small model's need is not "0.0 GiB")."""
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def rerun_command() -> str:
+    """The command line of this run, quoted so that it can be pasted into a shell (paths with spaces)."""
+    return "python " + shlex.join(sys.argv)
 
 
 def disk_full(error: BaseException, save_dir: str) -> str | None:
@@ -341,7 +432,6 @@ def disk_full(error: BaseException, save_dir: str) -> str | None:
 def wandb_has_key() -> bool:
     """A W&B API key in the environment or ~/.netrc (read without contacting W&B)."""
     import netrc
-    from urllib.parse import urlparse
 
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -361,8 +451,12 @@ def start_wandb(cfg: Config, resume_from: str | None) -> None:
     import wandb
 
     sync_hint = "sync it later with: wandb sync wandb/offline-run-*"
+    server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     if os.environ.get("WANDB_MODE") != "offline" and not wandb_has_key():
         print(f"W&B: no API key (WANDB_API_KEY or `wandb login`), logging offline; {sync_hint}")
+        os.environ["WANDB_MODE"] = "offline"
+    elif os.environ.get("WANDB_MODE") != "offline" and not reachable(server):
+        print(f"W&B: {server} unreachable, logging offline; {sync_hint}")
         os.environ["WANDB_MODE"] = "offline"
     id_file = os.path.join(t.save_dir, "wandb_run_id")
     run_id = open(id_file, encoding="utf-8").read().strip() if resume_from and os.path.exists(id_file) else None

@@ -79,6 +79,7 @@ class SFTTrainingConfig(Section):
     save_steps: Annotated[Int, Field(ge=1)] = 500
     save_total_limit: Annotated[Int, Field(ge=1)] | None = 2
     save_only_model: Bool = False  # False: checkpoints hold optimizer/scheduler/RNG, so a resume is exact
+    keep_checkpoints: Bool = False  # after a finished run: keep checkpoint-N (resume state) in save_dir
     readiness_pairs: Annotated[Int, Field(ge=0)] = 512  # held-out DPO pairs scored at the end; 0: off
     save_dir: Str = "sft_model"
     seed: Int = 42

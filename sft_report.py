@@ -15,8 +15,8 @@ from data_process_sft import read_columns
 from sft_config import Config
 
 
-def write_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime: float) -> dict:
-    """metrics.json in save_dir: the numbers W&B shows, readable without W&B. The train loss is over every
+def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime: float) -> dict:
+    """What metrics.json holds: the numbers W&B shows, readable without W&B. The train loss is over every
     optimizer step of the run from its logged history (the Trainer's own covers only the steps since a resume)."""
     history = trainer.state.log_history
     last_eval = {**next((h for h in reversed(history) if "eval_loss" in h), {}), **final_eval}
@@ -40,14 +40,15 @@ def write_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime
         "overrides": list(cfg.overrides),
         "log_history": history,
     }
-    if trainer.is_world_process_zero():
-        save_metrics(t.save_dir, metrics)
     return metrics
 
 
 def save_metrics(save_dir: str, metrics: dict) -> None:
-    with open(os.path.join(save_dir, "metrics.json"), "w", encoding="utf-8") as f:
+    """Write metrics.json whole (a temporary file renamed into place): its presence says the run finished."""
+    path = os.path.join(save_dir, "metrics.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def train_loss(history: list[dict]) -> float:

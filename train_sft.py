@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         run = resolve_run(args)
         prepared = prepare(run)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: several processes' lines do not interleave
         return 2
     if run.mode == "readiness":
         return readiness_only(run, prepared)
@@ -104,6 +104,9 @@ def resolve_run(args) -> Run:
 
         cfg = dry_run_config(cfg)
     cfg = apply_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if mode == "readiness" and not cfg.sft_training.readiness_pairs:
+        raise ConfigError("--readiness with sft_training.readiness_pairs: 0 would score nothing; set it, e.g. "
+                          "sft_training.readiness_pairs=512")
     run_env.check_before_loading(cfg)
     return Run(cfg=cfg, mode=mode, overwrite=args.overwrite or mode in ("dry-run", "demo"))
 
@@ -112,6 +115,7 @@ def resolve_run(args) -> Run:
 def prepare(run: Run) -> Prepared:
     import torch
     from accelerate import PartialState
+    from accelerate.utils import gather_object
 
     import data_process_sft as dp
     from model_io import prepare_tokenizer
@@ -121,28 +125,46 @@ def prepare(run: Run) -> Prepared:
     state = PartialState(cpu=not torch.cuda.is_available())  # several processes: gloo on CPU, as use_cpu
     if not state.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    error = None
     with state.main_process_first():
-        if run.mode == "readiness":
-            run_env.require_finished_model(t.save_dir)
-            resume_from = None
-        elif state.is_main_process:
-            resume_from = run_env.prepare_save_dir(t.save_dir, overwrite=run.overwrite)
-            run_env.check_disk_space(cfg)
-        else:
-            resume_from = run_env.last_complete_checkpoint(t.save_dir)
-        tokenizer = prepare_tokenizer(dp.load_tokenizer(cfg.policy_name))
-        raw = dp.load_hh_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
-        if run.mode == "dry-run":
-            raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
-        collator = dp.CompletionOnlyCollator(tokenizer)
-        data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length, num_proc=t.dataset_num_proc,
-                                            collator=collator, return_report=True)
-        if len(data) < 2:
-            raise ConfigError(f"fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})")
-        fingerprint = run_env.run_fingerprint(cfg, report, state.num_processes)
-        run_env.check_same_run(resume_from, fingerprint)
+        try:
+            if run.mode == "readiness":
+                run_env.require_finished_model(t.save_dir)
+                resume_from = None
+            elif state.is_main_process:
+                resume_from = run_env.prepare_save_dir(t.save_dir, overwrite=run.overwrite)
+                run_env.check_disk_space(cfg)
+            else:
+                resume_from = run_env.last_complete_checkpoint(t.save_dir)
+            tokenizer = prepare_tokenizer(dp.load_tokenizer(cfg.policy_name))
+            raw = dp.load_hh_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
+            if run.mode == "dry-run":
+                raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
+            collator = dp.CompletionOnlyCollator(tokenizer)
+            data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length,
+                                                num_proc=t.dataset_num_proc, collator=collator, return_report=True)
+            check_split_sizes(cfg, len(data), report)
+            fingerprint = run_env.run_fingerprint(cfg, report, dp.token_digest(data), state.num_processes)
+            run_env.check_same_run(resume_from, fingerprint)
+        except ConfigError as e:  # kept until every process is past the barrier, then raised by all (below)
+            error = str(e)
+    first_error = next(filter(None, gather_object([error])), None)
+    if first_error:  # the main process's refusal, said by every process (no rank left waiting in a collective)
+        raise ConfigError(first_error)
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
     return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw)
+
+
+def check_split_sizes(cfg: Config, rows: int, report) -> None:
+    """The train/eval split of `rows` usable conversations must leave both sides non-empty (datasets would
+    raise deep inside train_test_split)."""
+    if rows < 2:
+        raise ConfigError(f"fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})")
+    test = math.ceil(cfg.dataset.val_ratio * rows)
+    train = rows - test
+    if train < 1 or test < 1:
+        raise ConfigError(f"dataset.val_ratio: {cfg.dataset.val_ratio} of {rows} usable rows gives {train} train "
+                          f"and {test} eval conversations; both need at least 1: lower val_ratio or use more rows")
 
 
 # --- trainer ----------------------------------------------------------------------------------------------------
@@ -168,6 +190,8 @@ def build_trainer(run: Run, prepared: Prepared):
         if prepared.resume_from:
             print(f"Resuming from {prepared.resume_from} (step {run_env.checkpoint_step(prepared.resume_from)}); "
                   "--overwrite starts fresh")
+        if aside := run_env.set_aside(t.save_dir):
+            print(f"  set aside in save_dir (damaged, never resumed or rotated; delete when done): {', '.join(aside)}")
     return trainer
 
 
@@ -227,7 +251,7 @@ def train(run: Run, trainer, prepared: Prepared) -> int | None:
     if trainer.stopped_by:
         print(f"Stopped by {trainer.stopped_by} at step {trainer.state.global_step}; checkpoint saved in "
               f"{run_env.last_complete_checkpoint(save_dir)}. Resume with the same command: "
-              f"python {' '.join(sys.argv)}", file=sys.stderr)
+              f"{run_env.rerun_command()}", file=sys.stderr)
         return 128 + signal.Signals[trainer.stopped_by].value
     return None
 
@@ -241,8 +265,6 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     final_eval = trainer.evaluate() if run.mode == "dry-run" or not _just_evaluated(trainer) else {}
     try:
         save_final_model(trainer, prepared.tokenizer, t.save_dir, cfg.precision)
-        metrics = sft_report.write_metrics(cfg, trainer, prepared.report, prepared.split, final_eval,
-                                           time.time() - start)
     except (OSError, RuntimeError) as e:  # the final save filled the disk: one line; a rerun finishes it
         if not (message := run_env.disk_full(e, t.save_dir)):
             raise
@@ -250,13 +272,18 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
         return 1
     if not trainer.is_world_process_zero():
         return 0
+    metrics = sft_report.collect_metrics(cfg, trainer, prepared.report, prepared.split, final_eval,
+                                         time.time() - start)
     metrics["readiness"] = readiness(run, prepared, step=trainer.state.global_step)
-    sft_report.save_metrics(t.save_dir, metrics)
     held_out = prepared.split["test"].select(range(min(32, len(prepared.split["test"]))))["messages"]
     sft_report.write_report(cfg, trainer, prepared.tokenizer, held_out, metrics)
+    # Last: metrics.json marks the run finished. Killed before it, the rerun resumes the final checkpoint and
+    # writes the end of the run again (readiness, samples, curves, card).
+    sft_report.save_metrics(t.save_dir, metrics)
     print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
     print(f"  train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
           f"eval accuracy {metrics['eval_accuracy']:.4f}")
+    print(run_env.tidy_finished(t.save_dir, keep_checkpoints=t.keep_checkpoints))
     if t.push_to_hub:
         try:
             push_final_model(t.save_dir, t.hub_model_id)
@@ -316,8 +343,10 @@ def readiness_only(run: Run, prepared: Prepared) -> int:
     if report is None or not metrics:
         return 0
     metrics["readiness"] = report
-    sft_report.save_metrics(save_dir, metrics)
     sft_report.write_parts(save_dir, sft_report.card_parts(run.cfg, metrics))
+    sft_report.save_metrics(save_dir, metrics)
+    print(f"Updated in {save_dir}: metrics.json (its readiness section), the model card README.md and "
+          "readiness_margins.png")
     return 0
 
 

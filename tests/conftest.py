@@ -153,7 +153,7 @@ def stack_env(dpo_stack):
 
 def real_checkpoint(folder, step, complete=True):
     """A small checkpoint folder whose files open whole (safetensors weights, torch-saved optimizer and
-    scheduler); without `complete`, no trainer_state.json, as when a kill cut the save short."""
+    scheduler); without `complete`, no trainer_state.json nor sft_run.json, as when a kill cut the save short."""
     import torch
     from safetensors.torch import save_file
 
@@ -162,8 +162,9 @@ def real_checkpoint(folder, step, complete=True):
     save_file({"w": torch.randn(64, 64)}, path / "model.safetensors")
     torch.save({"state": {0: torch.randn(64)}}, path / "optimizer.pt")
     torch.save({"last_epoch": step}, path / "scheduler.pt")
-    if complete:
+    if complete:  # the Trainer's state, then our callback's run fingerprint
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (path / "sft_run.json").write_text(json.dumps({"processes": 1}))
     return path
 
 

@@ -3,6 +3,8 @@ folder, damaged checkpoints set aside, a full disk in one line, a cut final save
 and bad input named by file and line."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,10 +111,24 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_
     data = (newest / name).read_bytes()
     (newest / name).write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
     assert run_env.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-9")
-    assert not newest.exists() and (tmp_path / "checkpoint-12.damaged" / name).exists()
+    aside = tmp_path / "damaged-checkpoint-12"
+    assert not newest.exists() and (aside / name).exists()
     assert capsys.readouterr().out == (f"Setting aside damaged checkpoint {newest} ({name} does not open whole) as "
-                                       f"{newest}.damaged\n")
+                                       f"{aside}\n")
+    assert run_env.set_aside(str(tmp_path)) == ["damaged-checkpoint-12"]
     run_env.unlock_save_dir(str(tmp_path))
+
+
+def test_a_checkpoint_set_aside_is_out_of_the_trainers_rotation(tmp_path):
+    """transformers' rotation keeps save_total_limit checkpoints by `checkpoint-*`: what we set aside must not be
+    one of them (a `checkpoint-N.damaged` was deleted by the next rotation)."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    for step in (2, 4, 6):
+        real_checkpoint(tmp_path, step)
+    (tmp_path / "damaged-checkpoint-3").mkdir()
+    rotate_checkpoints(str(tmp_path), save_total_limit=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "damaged-checkpoint-3"]
 
 
 def test_damage_is_found_in_every_checkpoint_file_kind_and_whole_files_pass(tmp_path):
@@ -129,6 +145,17 @@ def test_damage_is_found_in_every_checkpoint_file_kind_and_whole_files_pass(tmp_
         (path / name).write_bytes(data[:-10])
         assert run_env.damaged_file(str(path)) == name
         (path / name).write_bytes(data)
+
+
+def test_a_checkpoint_without_its_run_fingerprint_does_not_count_as_complete(tmp_path, capsys):
+    """Killed between the Trainer's trainer_state.json and our sft_run.json: resumed, a changed batch_size went
+    unchecked and two runs were mixed. Such a checkpoint is incomplete: removed, the previous one resumed."""
+    real_checkpoint(tmp_path, 4)
+    cut = real_checkpoint(tmp_path, 6)
+    (cut / "sft_run.json").unlink()
+    assert run_env.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-4")
+    assert not cut.exists() and f"Removing incomplete checkpoint {cut}" in capsys.readouterr().out
+    run_env.unlock_save_dir(str(tmp_path))
 
 
 def test_nothing_to_resume_in_a_missing_or_half_written_folder(tmp_path):
@@ -170,8 +197,10 @@ def test_disk_budget_counts_save_total_limit_plus_one_checkpoints(tmp_path, base
     cfg = load_config(str(write_config(tmp_path, base_model_dir, save_total_limit=3)))
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(run_env.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
-    with pytest.raises(ConfigError, match=r"GiB free, 4 checkpoints and the final model of 0\.00B parameters"):
+    with pytest.raises(ConfigError, match=r": 0\.0 MiB free, 4 checkpoints and the final model of 0\.00B "
+                                          r"parameters need ~\d+\.\d MiB; "):  # not "0.0 GiB ... ~0.0 GiB"
         run_env.check_disk_space(cfg)
+    assert run_env.size(3 * 2**30) == "3.0 GiB" and run_env.size(5 * 2**20) == "5.0 MiB"
 
 
 # --- a final save cut short; whole-run metrics -----------------------------------------------------------------
@@ -238,11 +267,18 @@ def test_a_non_utf8_row_is_named_by_file_line_and_byte_offset(tmp_path):
         load_hh_rows(str(data), "train")
 
 
-def test_a_malformed_jsonl_line_is_named(tmp_path):
+@pytest.mark.parametrize(("line", "said"), [
+    ('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a reply cut', "cut off: it ends inside a value after 51 characters"),
+    ('{"chosen": "tab\there"}', "a raw control character '\\t' inside a string, column 16"),
+    ("<html>rate limited</html>", "not a JSON object: it starts '<html>rate limited</html'"),
+    ("{not json}", "Expecting property name enclosed in double quotes, column 2"),
+])
+def test_a_malformed_jsonl_line_is_named_with_what_it_holds(tmp_path, line, said):
     data = tmp_path / "hh.jsonl"
-    data.write_text(SAMPLE.read_text().splitlines()[0] + "\n{not json}\n")
-    with pytest.raises(ConfigError, match=rf"line 2 of {data} is not valid JSON"):
+    data.write_text(SAMPLE.read_text().splitlines()[0] + "\n" + line + "\n")
+    with pytest.raises(ConfigError) as error:
         load_hh_rows(str(data), "train")
+    assert f"line 2 of {data} is not valid JSON ({said})" in str(error.value)
 
 
 @pytest.mark.cli
@@ -255,3 +291,137 @@ def test_inspect_on_data_without_chosen_is_one_line(tmp_path, base_model_dir):
     assert result.returncode == 2
     assert [x for x in result.stderr.splitlines() if x.startswith("error")] == [
         f"error: dataset {data} has no 'chosen' column"]
+
+
+# --- round two: what a second fault trial found -------------------------------------------------------------
+def test_a_folder_of_someone_elses_files_is_refused_by_name(tmp_path):
+    for name in ("README.md", "config.json", "notes.txt"):
+        (tmp_path / name).write_text("the user's own")
+    with pytest.raises(ConfigError, match=r"holds files that train_sft\.py did not write \(README\.md, config\.json, "
+                                          r"notes\.txt\); pass --overwrite"):
+        run_env.prepare_save_dir(str(tmp_path), overwrite=False)
+    assert not (tmp_path / ".lock").exists()  # refused before anything was written
+    assert run_env.prepare_save_dir(str(tmp_path), overwrite=True) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.txt"]  # only our names replaced
+    run_env.unlock_save_dir(str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["is", "is inside", "holds"])
+def test_save_dir_and_the_base_model_folder_must_be_apart(tmp_path, where):
+    base = tmp_path / "base"
+    base.mkdir()
+    save_dir = {"is": base, "is inside": base / "sft", "holds": tmp_path}[where]
+    with pytest.raises(ConfigError, match=rf"^sft_training\.save_dir: {save_dir} {where} the base model's folder"):
+        run_env.check_apart(str(save_dir), str(base))
+    run_env.check_apart(str(tmp_path / "elsewhere"), str(base))
+    run_env.check_apart(str(base), "meta-llama/Llama-3.2-1B")  # a Hub id: nothing local to protect
+
+
+@pytest.mark.cli
+def test_overwrite_into_the_base_model_folder_is_refused_before_anything_is_removed(tmp_path, base_model_dir):
+    base = tmp_path / "base"
+    shutil.copytree(base_model_dir, base)
+    before = sorted(p.name for p in base.iterdir())
+    config = write_config(tmp_path, base, save_dir=str(base))
+    result = run_cli("--config", str(config), "--overwrite", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: sft_training.save_dir: {base} is the base")
+    assert sorted(p.name for p in base.iterdir()) == before
+
+
+@pytest.mark.cli
+def test_readiness_with_no_pairs_to_score_is_refused(tmp_path, base_model_dir):
+    config = write_config(tmp_path, base_model_dir, readiness_pairs=0)
+    result = run_cli("--config", str(config), "--readiness", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == ("error: --readiness with sft_training.readiness_pairs: 0 would score nothing; set it, "
+                             "e.g. sft_training.readiness_pairs=512\n")
+
+
+@pytest.mark.cli
+def test_a_val_ratio_that_leaves_no_train_rows_is_one_line(tmp_path, base_model_dir):
+    config = write_config(tmp_path, base_model_dir, subset="train[:60]", val_ratio=0.999)
+    result = run_cli("--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error")]
+    assert line.startswith("error: dataset.val_ratio: 0.999 of ") and " usable rows gives 0 train and " in line
+
+
+def test_the_resume_command_is_quoted_for_the_shell(monkeypatch):
+    import shlex
+
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", "--config", "my configs/sft run.yaml", "x.y=it's"])
+    command = run_env.rerun_command()
+    assert command.startswith("python ") and shlex.split(command)[1:] == sys.argv
+
+
+def test_wandb_that_cannot_be_reached_goes_offline_without_waiting(tmp_path, base_model_dir, monkeypatch, capsys):
+    """A key but no route to the W&B server: one TCP connect decides, wandb.init is never asked to try (it
+    stalled ~90 s before giving up)."""
+    import wandb
+    from sft_config import load_config
+
+    cfg = load_config(str(write_config(tmp_path, base_model_dir, wandb_project="p")))
+    (tmp_path / "out").mkdir()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    modes = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: modes.append(os.environ.get("WANDB_MODE")) or
+                        type("Run", (), {"id": "r1"})())
+    run_env.start_wandb(cfg, resume_from=None)
+    assert modes == ["offline"]
+    assert "W&B: http://127.0.0.1:9 unreachable, logging offline" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_end_of_run_report_is_finished_by_the_rerun(tmp_path, base_model_dir):
+    """Killed while scoring readiness (after the final weights): the rerun finishes the report (readiness,
+    samples, curves, our model card) instead of refusing a 'finished' model. A damaged checkpoint set aside is
+    named at start and kept."""
+    config = write_config(tmp_path, base_model_dir, save_steps=4, readiness_pairs=8)
+    patch = "import os, sft_readiness\nsft_readiness.score_readiness = lambda *a, **k: os._exit(137)"
+    killed = run_cli("--config", str(config), cwd=tmp_path, script=str(injected(tmp_path, patch)))
+    out = tmp_path / "out"
+    assert killed.returncode == 137 and (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+    (out / "damaged-checkpoint-1").mkdir()
+    rerun = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    assert "whose final save was cut short: finishing it from" in rerun
+    assert "set aside in save_dir (damaged, never resumed or rotated; delete when done): damaged-checkpoint-1" in rerun
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["readiness"]["pairs"] > 0
+    assert (out / "samples.jsonl").is_file() and (out / "training_curves.png").is_file()
+    assert "base_model: " in (out / "README.md").read_text()  # our card, not TRL's generic one
+    assert (out / "damaged-checkpoint-1").is_dir()
+
+
+@pytest.mark.slow
+def test_reordered_data_rows_are_refused_on_resume(tmp_path, base_model_dir):
+    """Same rows, same tokens, another order: another train/eval split; the fingerprint covers the token ids."""
+    data = tmp_path / "hh.jsonl"
+    rows = SAMPLE.read_text().splitlines()[:40]
+    data.write_text("\n".join(rows) + "\n")
+    config = write_config(tmp_path, base_model_dir, dataset=data, subset="train", save_steps=4,
+                          keep_checkpoints=True, readiness_pairs=0)
+    assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    (tmp_path / "out" / "metrics.json").unlink()  # a finish to complete: the rerun resumes the last checkpoint
+    data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")
+    result = run_cli("--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error")]
+    assert "was written by a run with other settings (data (token ids, sha256) '" in line
+
+
+@pytest.mark.slow
+def test_a_resume_refused_under_torchrun_is_one_line_on_every_rank(tmp_path, base_model_dir):
+    """Resumed with 2 processes after a 1-process run: every rank says the same refusal and exits 2 (rank 1 used
+    to die in gloo while rank 0 printed it)."""
+    config = write_config(tmp_path, base_model_dir, save_steps=4, keep_checkpoints=True, readiness_pairs=0)
+    assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    (tmp_path / "out" / "metrics.json").unlink()
+    result = run_cli("--config", str(config), cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"),
+                     launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))
+    assert result.returncode != 0
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "processes 1 -> 2" in errors[0]
+    assert "gloo" not in result.stderr.lower() and "Connection" not in result.stderr
+    assert result.stderr.count("exitcode  : 2") == 2  # torchrun's summary of its two children
