@@ -18,6 +18,7 @@ import shutil
 from sft_config import ConfigError
 
 STAGING = ".final-model-tmp"
+ADAPTER = "adapter"  # save_dir/adapter: the LoRA adapter of a LoRA run (the weights beside it are merged)
 
 
 def prepare_tokenizer(tokenizer):
@@ -46,16 +47,19 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_model(name: str, attn_implementation: str | None = None):
+def load_model(name: str, attn_implementation: str | None = None, frozen_precision: str | None = None):
     """Load the policy with fp32 master weights; bf16/fp16 run as autocast in the trainer.
 
     Pure-bf16 weights would make AdamW drop every update smaller than ~0.4% of a weight: at an SFT
     learning rate of 5e-6 that is most of them. Saved weights are cast to `precision` (see save_final_model).
+    With LoRA the base weights are frozen, so `frozen_precision` loads them in bf16/fp16 (half the memory);
+    the adapters peft adds stay fp32.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=attn_implementation)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(frozen_precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
     model.config.use_cache = False  # no KV cache while training; turned back on in the saved config
     return model
 
@@ -103,23 +107,27 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     config that stops at <|eot_id|> (the base model stops only at <|end_of_text|>); portable to transformers 4.57.
 
     Atomic per file: written to a temporary folder, then each file renamed into save_dir, so a crash while
-    saving leaves the previous files whole, never a half-written model.safetensors."""
+    saving leaves the previous files whole, never a half-written model.safetensors. A LoRA run's adapter is
+    saved to save_dir/adapter, then merged: the weights beside it are an ordinary model, no peft needed."""
     import torch
 
-    model = trainer.model
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    staging = os.path.join(save_dir, STAGING)
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter, hand DPO an ordinary model (merged weights)
+        if main_process:
+            model.save_pretrained(os.path.join(staging, ADAPTER))
+        trainer.model = model = model.merge_and_unload()
     model.config.use_cache = True
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    model.generation_config.eos_token_id = [i for i in dict.fromkeys([eot, tokenizer.eos_token_id]) if i is not None]
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
     model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if dtype is not None and not sharded:
         model.to(dtype)
-    staging = os.path.join(save_dir, STAGING)
-    main_process = trainer.is_world_process_zero()
-    if main_process:
-        shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(staging)  # every process takes part (sharded weights are gathered); the main one writes
     if main_process:
@@ -127,9 +135,19 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
             cast_saved_weights(staging, dtype)
         write_portable_files(staging)
         for name in sorted(os.listdir(staging), key=lambda n: n == "model.safetensors"):  # weights last
+            if os.path.isdir(os.path.join(save_dir, name)):  # the adapter of a cut earlier save
+                shutil.rmtree(os.path.join(save_dir, name))
             os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
         shutil.rmtree(staging)
     trainer.save_state()  # trainer_state.json: every logged number
+
+
+def stop_token_ids(tokenizer, base_eos) -> list[int]:
+    """Generation stops at <|eot_id|> (the end of an assistant turn, what SFT taught) and still at the base
+    model's own eos (<|end_of_text|>), whichever eos the tokenizer at hand names."""
+    base = base_eos if isinstance(base_eos, list) else [base_eos]
+    ids = [tokenizer.convert_tokens_to_ids("<|eot_id|>"), *base, tokenizer.eos_token_id]
+    return [i for i in dict.fromkeys(ids) if i is not None]
 
 
 def cast_saved_weights(folder: str, dtype) -> None:

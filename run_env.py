@@ -63,6 +63,12 @@ def check_before_loading(cfg: Config) -> None:
         if not hub_token():
             raise ConfigError("sft_training.push_to_hub: true, but there is no Hugging Face token (set HF_TOKEN or "
                               "run `huggingface-cli login`), so the push would fail after training")
+    if train.lora is not None:
+        _require("peft", "sft_training.lora needs the peft package (pip install -r requirements.txt)")
+        sharded = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+        if any(os.environ.get(v, "false").lower() == "true" for v in sharded):
+            raise ConfigError("sft_training.lora runs single-process or with DDP (accelerate_configs/ddp.yaml), not "
+                              "FSDP/DeepSpeed here: LoRA's trainable state is small enough to copy to every GPU")
     if train.use_liger_kernel:
         _require("liger_kernel", "sft_training.use_liger_kernel: true needs liger-kernel (pip install liger-kernel)")
         _require_gpu("sft_training.use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton)")
@@ -135,11 +141,20 @@ OFFLINE_HINT = ("If it is a gated model (Llama), accept its licence on the Hub a
                 "or set HF_TOKEN. Offline: point policy_name/dataset_name at local copies and set HF_HUB_OFFLINE=1.")
 
 
+OFFLINE_SET_HINT = ("HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache: point policy_name/"
+                    "dataset_name at a local folder or file, or download it on a machine with network "
+                    "(huggingface-cli download NAME) and copy the cache here.")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+
+
 def check_hub(*names: str) -> None:
     """Names that are not local need the Hub: one short TCP connect to it instead of the Hub client's minutes
     of retries (skipped with HF_HUB_OFFLINE=1, where the libraries fail fast themselves)."""
     remote = [name for name in names if not os.path.exists(os.path.expanduser(name))]
-    if not remote or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+    if not remote or offline():
         return
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if not reachable(endpoint):
@@ -167,7 +182,7 @@ def loading(kind: str, name: str):
         raise
     except Exception as e:  # noqa: BLE001 (hub, file and format errors alike: one line, exit 2)
         first_line = (redact(str(e)).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-        hint = "" if os.path.exists(os.path.expanduser(name)) else f" {OFFLINE_HINT}"
+        hint = "" if os.path.exists(os.path.expanduser(name)) else f" {OFFLINE_SET_HINT if offline() else OFFLINE_HINT}"
         raise ConfigError(f"cannot load the {kind} {name}: {first_line}.{hint}") from None
 
 
@@ -255,7 +270,7 @@ def unlock_save_dir(save_dir: str, remove: bool = False) -> None:
 RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
              "training_args.bin", "trainer_state.json", "metrics.json", "samples.jsonl", "training_curves.png",
-             "readiness_margins.png", "README.md", "wandb_run_id")
+             "readiness_margins.png", "README.md", "wandb_run_id", "adapter")
 
 
 # Files only a run of ours leaves in save_dir: a non-empty folder with none of them belongs to someone else.
@@ -288,8 +303,11 @@ def prepare_save_dir(save_dir: str, overwrite: bool) -> str | None:
         for path in checkpoints + [os.path.join(save_dir, ".final-model-tmp")]:
             shutil.rmtree(path, ignore_errors=True)
         for name in RUN_FILES:
-            if os.path.exists(os.path.join(save_dir, name)):
-                os.remove(os.path.join(save_dir, name))
+            path = os.path.join(save_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         return None
     for path in checkpoints:
         if not _is_complete(path):
@@ -366,6 +384,7 @@ def run_fingerprint(cfg: Config, report, data_digest: str, world_size: int) -> d
             "data (rows kept, tokens)": [report.rows_kept, report.tokens], "data (token ids, sha256)": data_digest,
             **{f"sft_training.{k}": getattr(t, k) for k in ("max_length", "batch_size", "gradient_accumulation",
                                                              "packing", "seed", "save_only_model")},
+            "sft_training.lora": t.lora.model_dump() if t.lora else None,
             "processes": world_size}
 
 

@@ -10,6 +10,7 @@ key suggested for a typo. This module imports no torch, so a bad config fails in
 from __future__ import annotations
 
 import difflib
+import typing
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -43,6 +44,20 @@ Str = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S")]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+# The linear layers of a Llama decoder layer that LoRA can adapt (attention, then MLP).
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSettings(Section):
+    """`sft_training.lora`: LoRA adapters (peft, through TRL's peft_config) instead of full fine-tuning.
+    The final save merges them into an ordinary model folder; the adapter is kept in save_dir/adapter."""
+
+    r: Annotated[Int, Field(ge=1, le=1024)] = 16
+    alpha: Annotated[Float, Field(gt=0)] = 32.0
+    dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.05
+    target_modules: Annotated[list[Literal[LLAMA_PROJECTIONS]], Field(min_length=1)] = list(LLAMA_PROJECTIONS)
 
 
 class DatasetConfig(Section):
@@ -80,6 +95,7 @@ class SFTTrainingConfig(Section):
     save_total_limit: Annotated[Int, Field(ge=1)] | None = 2
     save_only_model: Bool = False  # False: checkpoints hold optimizer/scheduler/RNG, so a resume is exact
     keep_checkpoints: Bool = False  # after a finished run: keep checkpoint-N (resume state) in save_dir
+    lora: LoraSettings | None = None  # null: full fine-tuning
     readiness_pairs: Annotated[Int, Field(ge=0)] = 512  # held-out DPO pairs scored at the end; 0: off
     save_dir: Str = "sft_model"
     seed: Int = 42
@@ -191,7 +207,8 @@ def _apply_override(raw: dict, override: str) -> None:
 
 _BOUNDS = {"greater_than": ("greater than", "gt"), "greater_than_equal": ("at least", "ge"),
            "less_than": ("less than", "lt"), "less_than_equal": ("at most", "le")}
-_KINDS = {"int": "int", "float": "float", "bool": "bool", "string": "str", "value_error": "float"}  # _no_bool
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "string": "a string",
+          "value_error": "a number"}  # value_error: _no_bool refused a boolean for a number
 
 
 def _one_line(error: dict) -> str:
@@ -219,12 +236,18 @@ def _one_line(error: dict) -> str:
 def _model_at(section: list[str]) -> type[BaseModel]:
     model: type[BaseModel] = Config
     for name in section:
-        model = model.model_fields[name].annotation
+        annotation = model.model_fields[name].annotation
+        model = next((a for a in (annotation, *typing.get_args(annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), annotation)  # `Section | None`
     return model
 
 
 def _unknown(key: str, known: list[str], where: str) -> str:
     close = difflib.get_close_matches(str(key), known, n=1)
+    if not close and where == "top level":  # `epochs=1` on the command line: the key of a section
+        close = [f"{name}.{key}" for name, field in Config.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                 and key in field.annotation.model_fields]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown key '{key}' in {where}{hint}"
 

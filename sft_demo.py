@@ -57,6 +57,7 @@ def build_demo_base_model(model_dir: str) -> None:
     """A base-Llama-3-like folder built offline: a small BPE tokenizer trained on the shipped sample (with the
     Llama-3 special tokens, no chat template, no pad token) and a random-weight tiny Llama."""
     if os.path.isfile(os.path.join(model_dir, "config.json")):
+        print(f"Reusing the demo's base model at {model_dir} (built by an earlier --demo; delete it to rebuild)")
         return
     rows = dp.load_raw_dataset(SAMPLE, "train")
     tokenizer = train_llama3_style_tokenizer((r for r in rows["chosen"] if isinstance(r, str)), vocab_size=2000)

@@ -105,6 +105,7 @@ def summarize(sft: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict:
         "margin_std": float(margin.std()),
         "margin_percentiles": {f"p{q}": float(np.percentile(margin, q)) for q in PERCENTILES},
         "margins": [round(float(m), 4) for m in margin],
+        "margins_per_token": [round(float(m), 4) for m in sft["chosen_mean"] - sft["rejected_mean"]],
     }
 
 

@@ -82,7 +82,8 @@ def card_parts(cfg: Config, metrics: dict) -> dict:
     """The model card and the readiness histogram (also rewritten by `train_sft.py --readiness`)."""
     parts = {"README.md": lambda path: _write_text(path, model_card(cfg, metrics))}
     if (metrics.get("readiness") or {}).get("pairs"):
-        parts["readiness_margins.png"] = lambda path: plot_margins(metrics["readiness"]["margins"], path)
+        parts["readiness_margins.png"] = lambda path: plot_margins(metrics["readiness"], cfg.dataset.dataset_name,
+                                                                   path)
     return parts
 
 
@@ -102,6 +103,10 @@ def _unsharded_model(trainer, save_dir: str):
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         return AutoModelForCausalLM.from_pretrained(save_dir).to(trainer.args.device)
     return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -166,18 +171,43 @@ def plot_curves(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_margins(margins: list[float], path: str) -> None:
-    """Histogram of the SFT model's chosen-rejected log-prob margins on held-out pairs (sft_readiness)."""
+def plot_margins(report: dict, source: str, path: str) -> None:
+    """Histograms of the SFT model's chosen-rejected log-prob margins on held-out pairs (sft_readiness), summed
+    over the reply tokens and per reply token. Each panel spans its 5th-95th percentiles plus a quarter of that
+    width on each side, and counts the pairs outside it: one extreme pair must not squeeze the rest into a bar."""
+    import numpy as np
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.hist(margins, bins=min(40, max(5, len(margins) // 5)), color="tab:purple", alpha=0.8)
-    ax.axvline(0, color="black", lw=1)
-    ax.set_xlabel("log p(chosen) - log p(rejected) under the SFT model (sum over reply tokens)")
-    ax.set_ylabel("held-out pairs")
-    ax.set_title(f"Reference margins on {len(margins)} held-out HH pairs ({sum(m > 0 for m in margins)} > 0)")
+    panels = [("summed over reply tokens", report["margins"])]
+    if report.get("margins_per_token"):
+        panels.append(("per reply token", report["margins_per_token"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), dpi=120, squeeze=False)
+    for ax, (label, values) in zip(axes[0], panels):
+        values = np.asarray(values, dtype=float)
+        low, high, below, above = plot_range(values)
+        inside = values[(values >= low) & (values <= high)]
+        ax.hist(inside, bins=min(40, max(8, len(inside) // 2)), range=(low, high), color="tab:purple", alpha=0.8)
+        ax.axvline(0, color="black", lw=1)
+        ax.set_xlabel(f"log p(chosen) - log p(rejected), {label}")
+        ax.set_ylabel("held-out pairs")
+        outside = f"; not shown: {below} below {low:.3g}, {above} above {high:.3g}" if below or above else ""
+        ax.set_title(f"{int((values > 0).sum())} of {len(values)} pairs > 0 (chosen preferred){outside}", fontsize=9)
+    fig.suptitle(f"Reference margins of the SFT model on {len(report['margins'])} held-out pairs of {source}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_range(values) -> tuple[float, float, int, int]:
+    """(low, high, values below, values above) of a margin histogram: the 5th-95th percentiles widened by a
+    quarter of their span on each side, 0 always in view."""
+    import numpy as np
+
+    low, high = np.percentile(values, [5, 95])
+    pad = (high - low) * 0.25 or 1.0
+    low, high = float(min(low - pad, -pad * 0.1)), float(max(high + pad, pad * 0.1))
+    return low, high, int((values < low).sum()), int((values > high).sum())
 
 
 def readiness_section(report: dict | None) -> str:
@@ -227,7 +257,7 @@ on every assistant turn and its `<|eot_id|>`; prompts, headers and padding are m
 - rows read {data["rows_read"]}, kept {data["rows_kept"]}; dropped: {dropped}
 - {metrics["train_conversations"]} train / {metrics["eval_conversations"]} eval conversations
   (val_ratio {cfg.dataset.val_ratio}, seed {cfg.dataset.seed}); max_length {t.max_length}
-  ({data["truncated"]} rows cut)
+  ({_count(data["truncated"], "row")} cut)
 - tokens {data["tokens"]}, of which assistant (trained) {data["assistant_tokens"]}
 
 ## Results

@@ -27,6 +27,16 @@ from sft_config import Config
 logger = logging.getLogger("train_sft")
 
 
+def build_peft_config(lora):
+    """The `sft_training.lora` section as peft's LoraConfig for TRL's `peft_config` (None: full fine-tuning)."""
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
 def build_sft_config(cfg: Config, *, max_steps: int = -1) -> SFTConfig:
     """Map the `sft_training` section onto TRL's SFTConfig (one place, every key)."""
     t = cfg.sft_training
@@ -110,6 +120,17 @@ class SaveAndStopOnSignal(TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
+class LogEverySavedStep(TrainerCallback):
+    """Log the training loss at every step that saves a checkpoint or ends the run. The log history then covers
+    every optimizer step, so metrics.json's train loss is the mean over the whole run, after a resume too (a
+    checkpoint keeps no loss of the steps between its last log entry and itself). Runs after the callbacks
+    that decide saving and stopping."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_training_stop:
+            control.should_log = True
+
+
 class WriteRunFingerprint(TrainerCallback):
     """Each checkpoint records the settings that define the run (run_env.run_fingerprint), so a resume under
     other ones is refused instead of silently mixing two runs."""
@@ -144,6 +165,7 @@ class SFTRunTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self._eval_hits, self._eval_tokens = 0.0, 0
         self.add_callback(SaveAndStopOnSignal(self))
+        self.add_callback(LogEverySavedStep())  # last: sees the save/stop decisions of those before it
 
     def train(self, *args, **kwargs):
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

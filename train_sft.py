@@ -76,7 +76,8 @@ def main(argv=None) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config_dpo.yaml", help="YAML file with an sft_training section")
+    parser.add_argument("--config", default="config_dpo.yaml",
+                        help="YAML file with an sft_training section (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config keys, e.g. sft_training.learning_rate=1e-5 (validated like the file)")
     parser.add_argument("--dry-run", action="store_true", help="~10 steps on a small slice, no W&B/push, checks")
@@ -97,7 +98,9 @@ def resolve_run(args) -> Run:
     if mode == "demo":
         from sft_demo import build_demo_base_model
 
-        print(f"Demo: replaces the previous demo output in {cfg.sft_training.save_dir}")
+        previous = os.path.isdir(cfg.sft_training.save_dir)
+        print(f"Demo: {'replaces the previous demo output in' if previous else 'writes to'} "
+              f"{cfg.sft_training.save_dir}")
         build_demo_base_model(cfg.policy_name)
     if mode == "dry-run":
         from sft_demo import dry_run_config
@@ -170,18 +173,25 @@ def check_split_sizes(cfg: Config, rows: int, report) -> None:
 # --- trainer ----------------------------------------------------------------------------------------------------
 def build_trainer(run: Run, prepared: Prepared):
     from model_io import load_model
-    from sft_trainer import SFTRunTrainer, WriteRunFingerprint, batches_ready, build_sft_config, prefer_fast_attention
+    from sft_trainer import (
+        SFTRunTrainer,
+        WriteRunFingerprint,
+        batches_ready,
+        build_peft_config,
+        build_sft_config,
+        prefer_fast_attention,
+    )
 
     cfg, t = run.cfg, run.cfg.sft_training
     kernel_note = prefer_fast_attention()
-    model = load_model(cfg.policy_name, t.attn_implementation)
+    model = load_model(cfg.policy_name, t.attn_implementation, frozen_precision=cfg.precision if t.lora else None)
     model.config.pad_token_id = model.generation_config.pad_token_id = prepared.tokenizer.pad_token_id
     run_env.start_wandb(cfg, prepared.resume_from)
     train_data, eval_data = (batches_ready(prepared.split[s], t.packing, t.max_length) for s in ("train", "test"))
     trainer = SFTRunTrainer(
         model=model, args=build_sft_config(cfg, max_steps=run.max_steps), processing_class=prepared.tokenizer,
         data_collator=None if t.packing else prepared.collator, train_dataset=train_data, eval_dataset=eval_data,
-        callbacks=[WriteRunFingerprint(prepared.fingerprint)],
+        callbacks=[WriteRunFingerprint(prepared.fingerprint)], peft_config=build_peft_config(t.lora),
     )
     if trainer.is_world_process_zero():
         print_start_summary(cfg, trainer, prepared, len(train_data))
@@ -209,7 +219,24 @@ def print_start_summary(cfg: Config, trainer, prepared: Prepared, n_train_rows: 
           f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
           f"gradient_accumulation {t.gradient_accumulation} x {world} process(es); ~{steps} optimizer steps\n"
           f"  parallel: {parallel_mode(trainer)}\n"
+          f"  {training_mode(trainer, t.lora)}\n"
           f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
+
+
+def training_mode(trainer, lora) -> str:
+    """Full fine-tuning, or LoRA with its trainable parameters and the memory it saves (weights, gradients and
+    AdamW state; full fine-tuning keeps ~16 bytes per parameter: fp32 weights, gradients and two moments)."""
+    params = list(trainer.model.parameters())
+    total = sum(p.numel() for p in params)
+    if lora is None:
+        return f"training: full fine-tuning of {total / 1e9:.3f}B parameters"
+    trainable = [p for p in params if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    lora_bytes = sum(p.numel() * p.element_size() for p in params if not p.requires_grad) + 16 * n_trainable
+    return (f"training: LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on "
+            f"{','.join(lora.target_modules)}: {n_trainable / 1e6:.2f}M trainable of {total / 1e9:.3f}B parameters "
+            f"({n_trainable / total:.2%}); weights, gradients and AdamW state ~{run_env.size(lora_bytes)} instead "
+            f"of ~{run_env.size(16 * total)} for full fine-tuning (activations not counted)")
 
 
 def parallel_mode(trainer) -> str:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
+os.environ["WANDB_DIR"] = tempfile.mkdtemp(prefix="wandb-tests-")  # offline runs never land in the repo
 os.environ.pop("WANDB_API_KEY", None)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,6 +119,31 @@ def run_cli(*args, cwd=REPO, script="train_sft.py", env=None, timeout=600, launc
     return subprocess.run([*command, str(REPO / script) if not Path(script).is_absolute() else script, *args],
                           cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+TRACER = """import atexit, json, runpy, socket, sys
+connects, real = [], socket.create_connection
+def counted(address, *args, **kwargs):
+    connects.append(list(address))
+    return real(address, *args, **kwargs)
+socket.create_connection = counted
+heavy = ("torch", "transformers", "datasets")
+atexit.register(lambda: open({trace!r}, "w").write(json.dumps(
+    {{"connects": connects, "imported": sorted(m for m in heavy if m in sys.modules)}})))
+sys.argv[0] = {script!r}
+sys.path[0] = {repo!r}  # as when the script itself is run
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def run_traced(*args, tmp_path, script="train_sft.py", **kwargs):
+    """run_cli, and what the run did: the TCP connects it opened and which heavy libraries it imported (tests
+    assert that mechanism, e.g. "one connect, no retries, torch never imported", instead of wall-clock time)."""
+    trace = tmp_path / "trace.json"
+    launcher = tmp_path / "traced.py"
+    launcher.write_text(TRACER.format(trace=str(trace), script=str(REPO / script), repo=str(REPO)))
+    result = run_cli(*args, script=str(launcher), **kwargs)
+    return result, json.loads(trace.read_text())
 
 
 def assert_ok(result):

@@ -143,3 +143,19 @@ def test_collator_output_is_a_batch_the_model_accepts(llama32_tokenizer):
     assert batch["input_ids"].shape[1] % 8 == 0
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
+
+
+def test_a_row_ending_right_after_an_assistant_header_trains_nothing_of_the_next_row(llama32_tokenizer):
+    """Labels are computed on the rows of a batch flattened together: a row cut just after its assistant header
+    (max_length) must not open a trained span that runs on into the next row."""
+    tokenizer = llama32_tokenizer
+    [full], _ = encode(tokenizer, [CONV])
+    header = tokenizer("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)["input_ids"]
+    end = next(i + len(header) for i in range(len(full)) if full[i:i + len(header)] == header)
+    cut = full[:end]  # ends with the first assistant header: no reply token left
+    collator = CompletionOnlyCollator(tokenizer)
+    together = collator.labels_for([cut, full, cut])
+    alone = [collator.labels_for([row])[0] for row in (cut, full, cut)]
+    assert together == alone
+    assert all(label == IGNORE_INDEX for label in together[0])
+    assert trained_spans(tokenizer, full, together[1])[0] == "Paris.<|eot_id|>"

@@ -45,7 +45,7 @@ def test_a_failing_report_part_is_one_warning_and_the_rest_is_written(tmp_path, 
     monkeypatch.setattr(sft_report, "write_samples", lambda model, tok, messages, path: open(path, "w").close())
     trainer = types.SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False,
                                     accelerator=types.SimpleNamespace(unwrap_model=lambda m: m), model=None)
-    metrics = {"log_history": [], "data": {"rows_read": 1, "rows_kept": 1, "dropped": {}, "truncated": 0,
+    metrics = {"log_history": [], "data": {"rows_read": 1, "rows_kept": 1, "dropped": {}, "truncated": 1,
                                            "tokens": 1, "assistant_tokens": 1},
                "train_conversations": 1, "eval_conversations": 1, "train_loss": 1.0, "eval_loss": 1.0,
                "eval_accuracy": 0.5, "global_step": 1, "global_batch": 4, "tokens_trained": 1, "tokens_seen": 1,
@@ -54,6 +54,7 @@ def test_a_failing_report_part_is_one_warning_and_the_rest_is_written(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: could not write training_curves.png (OSError: disk gone); the model is saved"]
     assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "samples.jsonl").is_file()
+    assert "(1 row cut)" in (tmp_path / "out" / "README.md").read_text()  # not "1 rows"
 
 
 def test_gathered_weights_are_cast_to_the_run_precision(tmp_path):
@@ -94,3 +95,17 @@ def test_readiness_logging_needs_no_wandb_when_wandb_is_off(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` would raise ImportError
     train_sft._log_to_wandb({"eval/ref_pref_accuracy": 0.5}, step=3)
+
+
+def test_one_extreme_margin_does_not_hide_the_others_in_the_readiness_plot(tmp_path):
+    """20 margins within +-8 and one at -120 (as seen on the demo): the plotted range is set by the bulk, the
+    outlier is counted, and the plot is written with a title from the run's data source."""
+    import numpy as np
+
+    margins = np.concatenate([np.linspace(-8, 8, 20), [-120.0]])
+    low, high, below, above = sft_report.plot_range(margins)
+    assert (below, above) == (1, 0) and -30 < low < -8 and 8 < high < 30
+    assert sum(low <= m <= high for m in margins) == 20
+    sft_report.plot_margins({"margins": list(margins), "margins_per_token": list(margins / 50)}, "my_data.jsonl",
+                            str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").stat().st_size > 10_000

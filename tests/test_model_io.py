@@ -58,3 +58,17 @@ def test_cast_keeps_the_pt_metadata_that_from_pretrained_expects(tmp_path):
     cast_saved_weights(str(tmp_path), torch.float16)
     with safe_open(tmp_path / "model-00001.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"} and f.get_tensor("w").dtype == torch.float16
+
+
+def test_generation_stops_at_eot_and_at_the_bases_eos_whatever_the_tokenizer_names(llama32_tokenizer):
+    from model_io import stop_token_ids
+
+    eot, end_of_text = 128009, 128001
+    named = llama32_tokenizer.eos_token
+    try:
+        for eos in ("<|end_of_text|>", "<|eot_id|>"):  # the base's eos still, or already the chat model's
+            llama32_tokenizer.eos_token = eos
+            for base_eos in (end_of_text, [end_of_text]):
+                assert stop_token_ids(llama32_tokenizer, base_eos) == [eot, end_of_text]
+    finally:
+        llama32_tokenizer.eos_token = named

@@ -82,3 +82,9 @@ def test_real_rows_parse_into_alternating_turns(hh_rows):
         assert all(m["content"] and m["content"] == m["content"].strip() for m in messages)
         multi += roles.count("assistant") > 1
     assert multi / len(hh_rows) > 0.5  # most real conversations have several assistant turns
+
+
+def test_bare_carriage_return_separators_parse_like_blank_lines():
+    text = "\n\nHuman: first line\nsecond\n\nAssistant: ok\n\nHuman: more?\n\nAssistant: yes"
+    assert parse_hh_to_messages(text.replace("\n", "\r")) == parse_hh_to_messages(text)
+    assert len(parse_hh_to_messages(text.replace("\n", "\r"))) == 4

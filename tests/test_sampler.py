@@ -36,3 +36,8 @@ def test_short_tail_batch_comes_last_so_boundaries_hold():
     assert lengths[order[-1]] == 5
     batches = [order[i:i + 8] for i in range(0, 40, 8)]
     assert sorted(len({lengths[i] for i in b}) for b in batches) == [1, 1, 1, 1, 2]
+
+
+def test_two_seeds_give_two_orders_in_the_same_epoch():
+    lengths = [10 + (i * 37) % 200 for i in range(400)]
+    assert list(ConversationLengthSampler(lengths, 16, seed=1)) != list(ConversationLengthSampler(lengths, 16, seed=2))

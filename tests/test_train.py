@@ -39,6 +39,17 @@ def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(sft_run):
     metrics = json.loads((save_dir / "metrics.json").read_text())
     assert all(math.isfinite(metrics[k]) for k in ("train_loss", "eval_loss", "eval_accuracy"))
     assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["data"]["rows_read"] == 64
+    # One train loss: the Trainer's (every step of an uninterrupted run) = metrics.json = the printed summary,
+    # with a step count (13) that is no multiple of log_steps (2): the last step is logged too.
+    state = json.loads((save_dir / "trainer_state.json").read_text())
+    trainers = next(h["train_loss"] for h in state["log_history"] if "train_loss" in h)
+    assert metrics["global_step"] % 2 == 1 and metrics["train_loss"] == pytest.approx(trainers, abs=1e-6)
+    assert f"train loss {trainers:.4f}," in out
+
+    # What DPO and the Hub need, and no resume state: the checkpoints, training_args.bin and the lock are gone
+    assert not list(save_dir.glob("checkpoint-*")) and not (save_dir / "training_args.bin").exists()
+    assert not (save_dir / ".lock").exists()
+    assert "  resume state removed (checkpoint-" in out and "sft_training.keep_checkpoints: true" in out
 
     [run_file] = list((folder / "wandb").glob("offline-run-*/run-*.wandb"))
     logged = history(run_file)
@@ -66,7 +77,7 @@ def test_offline_demo_from_a_fresh_copy(tmp_path):
     shutil.copy(REPO / "config_demo.yaml", tmp_path)
     shutil.copytree(REPO / "data", tmp_path / "data")
     out = run(["--demo"], tmp_path, script=tmp_path / "train_sft.py")
-    assert "Built a tiny random-weight base Llama" in out and "replaces the previous demo output" in out
+    assert "Built a tiny random-weight base Llama" in out and "Demo: writes to ./demo_run/sft_model" in out
     assert "User: " in out and "\nAssistant: " in out
     assert out.count("rows read 210") == 1  # the data report, once
     assert "Reference readiness (21 held-out pairs" in out
@@ -74,3 +85,6 @@ def test_offline_demo_from_a_fresh_copy(tmp_path):
     save_dir = tmp_path / "demo_run" / "sft_model"
     assert (save_dir / "model.safetensors").is_file() and (save_dir / "training_curves.png").is_file()
     assert f"policy_name: {save_dir}" in (save_dir / "README.md").read_text()  # nothing was pushed: the folder
+    again = run(["--demo"], tmp_path, script=tmp_path / "train_sft.py")
+    assert "Demo: replaces the previous demo output in ./demo_run/sft_model" in again
+    assert "Reusing the demo's base model at ./demo_run/base_model" in again and "Built a tiny" not in again
