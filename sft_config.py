@@ -193,10 +193,13 @@ def _apply_override(raw: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: expected section.key=value")
     *sections, key = path.split(".")
     node = raw
-    for name in sections:
-        if name not in node and name not in Config.model_fields:
-            raise ConfigError(_unknown(name, list(Config.model_fields), "top level"))
-        node = node.setdefault(name, {})
+    for depth, name in enumerate(sections):
+        fields = list(_model_at(sections[:depth]).model_fields)
+        if name not in node and name not in fields:
+            raise ConfigError(_unknown(name, fields, f"'{sections[depth - 1]}'" if depth else "top level"))
+        if node.get(name) is None:  # absent, or null in the file (`lora: null`): the override fills it
+            node[name] = {}
+        node = node[name]
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {name} is not a section")
     try:

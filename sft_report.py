@@ -105,6 +105,14 @@ def _unsharded_model(trainer, save_dir: str):
     return trainer.accelerator.unwrap_model(trainer.model)
 
 
+def _method(lora) -> str:
+    if lora is None:
+        return "Trained by full fine-tuning: these are all of the model's weights."
+    return (f"Trained with LoRA (r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, on "
+            f"{', '.join(lora.target_modules)}), merged into these weights: an ordinary model, no peft needed. The "
+            "adapter itself is in `adapter/`.")
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -252,6 +260,7 @@ tags: [sft, trl, dpo-reference]
 Supervised fine-tune of `{cfg.policy_name}` on the `chosen` conversations of `{cfg.dataset.dataset_name}`
 (`{cfg.dataset.subset}`), in the Llama-3 chat format, as the reference model for a DPO stage. The loss is
 on every assistant turn and its `<|eot_id|>`; prompts, headers and padding are masked.
+{_method(t.lora)}
 
 ## Data
 - rows read {data["rows_read"]}, kept {data["rows_kept"]}; dropped: {dropped}

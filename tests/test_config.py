@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env, run_cli, run_traced
-from sft_config import ConfigError, DatasetConfig, SFTTrainingConfig, load_config
+from sft_config import ConfigError, DatasetConfig, LoraSettings, SFTTrainingConfig, load_config
 
 
 def write_config(tmp_path, **sft_overrides):
@@ -106,10 +106,10 @@ def test_cli_missing_local_dataset_and_config_file(tmp_path):
 
 def test_readme_documents_every_key_with_its_default():
     readme = (REPO / "README.md").read_text()
-    for cls in (DatasetConfig, SFTTrainingConfig):
+    for cls, prefix in ((DatasetConfig, ""), (SFTTrainingConfig, ""), (LoraSettings, "lora.")):
         for name, field in cls.model_fields.items():
-            row = re.search(rf"^\| `{name}` \| `([^`]*)` \|", readme, re.M)
-            assert row, f"README has no table row for {name}"
+            row = re.search(rf"^\| `{prefix}{name}` \| `([^`]*)` \|", readme, re.M)
+            assert row, f"README has no table row for {prefix}{name}"
             documented = cls.model_validate({name: yaml.safe_load(row.group(1))})
             assert getattr(documented, name) == field.default, name
 

@@ -58,16 +58,18 @@ def start_logged(config, folder):
 
 
 @pytest.mark.slow
-def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_model_dir):
-    """Also the determinism check: same seed and config in another process give the identical loss log."""
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
+def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_model_dir, lora):
+    """Also the determinism check: same seed and config in another process give the identical loss log. With
+    LoRA the checkpoints hold the adapter and its optimizer state: the resumed adapter equals the reference."""
     reference = tmp_path / "reference"
     reference.mkdir()
-    code, _, err = finish(start(write_config(reference, base_model_dir), reference))
+    code, _, err = finish(start(write_config(reference, base_model_dir, lora=lora), reference))
     assert code == 0, err[-2000:]
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    config = write_config(killed, base_model_dir)
+    config = write_config(killed, base_model_dir, lora=lora)
     proc = start(config, killed)
     wait_until((killed / "out" / "checkpoint-6" / "trainer_state.json").exists, proc)
     proc.send_signal(signal.SIGKILL)
@@ -81,6 +83,11 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_mo
     got = load_file(killed / "out" / "model.safetensors")
     assert expected.keys() == got.keys()
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-5
+    if lora:
+        expected, got = (load_file(run / "out" / "adapter" / "adapter_model.safetensors")
+                         for run in (reference, killed))
+        assert expected.keys() == got.keys() and all("lora_" in k for k in got)
+        assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-5
 
     def loss_log(run):
         state = json.loads((run / "out" / "trainer_state.json").read_text())

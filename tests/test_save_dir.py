@@ -358,6 +358,7 @@ def test_wandb_that_cannot_be_reached_goes_offline_without_waiting(tmp_path, bas
     """A key but no route to the W&B server: one TCP connect decides, wandb.init is never asked to try (it
     stalled ~90 s before giving up)."""
     import wandb
+
     from sft_config import load_config
 
     cfg = load_config(str(write_config(tmp_path, base_model_dir, wandb_project="p")))

@@ -14,7 +14,14 @@ from data_process_sft import CompletionOnlyCollator, build_sft_dataset, load_raw
 from model_io import prepare_tokenizer
 from sft_config import load_config
 from sft_demo import train_llama3_style_tokenizer
-from sft_trainer import ConversationLengthSampler, NonFiniteLoss, SFTRunTrainer, batches_ready, build_sft_config
+from sft_trainer import (
+    ConversationLengthSampler,
+    NonFiniteLoss,
+    SFTRunTrainer,
+    batches_ready,
+    build_peft_config,
+    build_sft_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +52,8 @@ def make_trainer(tiny, tmp_path, steps=3, **sft):
     return SFTRunTrainer(model=model, args=args, processing_class=tokenizer,
                          data_collator=CompletionOnlyCollator(tokenizer),
                          train_dataset=batches_ready(split["train"], False, 96),
-                         eval_dataset=batches_ready(split["test"], False, 96))
+                         eval_dataset=batches_ready(split["test"], False, 96),
+                         peft_config=build_peft_config(cfg.sft_training.lora))
 
 
 def test_training_batches_come_from_the_length_sampler_in_its_order(tiny, tmp_path):
@@ -118,3 +126,39 @@ def test_a_resume_trains_with_the_configured_learning_rate(tiny, tmp_path):
     rates = {h["step"]: h["learning_rate"] for h in resumed.state.log_history if "learning_rate" in h}
     assert rates[1] == rates[2] == 0.05 and rates[3] == rates[4] == 0.001
     assert all(g["lr"] == 0.001 for g in resumed.optimizer.param_groups)
+
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def test_lora_trains_only_the_adapter_and_saves_base_plus_adapter_merged(tiny, tmp_path):
+    """Base weights stay bit-identical while training (only lora_A/lora_B move); the saved folder is an ordinary
+    model whose logits are the adapted model's, and the adapter is kept beside it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from model_io import save_final_model
+
+    trainer = make_trainer(tiny, tmp_path, steps=3, lora=LORA)
+    model = trainer.model
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainable = {k for k, v in model.named_parameters() if v.requires_grad}
+    assert trainable and all("lora_A" in k or "lora_B" in k for k in trainable)
+    trainer.train()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in trainable)  # base: bit-identical
+    assert any(not torch.equal(before[k], after[k]) for k in trainable if "lora_B" in k)  # the adapter learned
+
+    ids = torch.tensor([tiny[1][0]["input_ids"][:40]])
+    with torch.no_grad():
+        adapted = model.eval()(ids).logits
+    save_dir = tmp_path / "out"
+    save_final_model(trainer, tiny[0], str(save_dir), "fp32")
+    merged = AutoModelForCausalLM.from_pretrained(save_dir)
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        assert (merged(ids).logits - adapted).abs().max().item() <= 1e-5
+    (tmp_path / "base").mkdir()
+    base = PeftModel.from_pretrained(make_trainer(tiny, tmp_path / "base").model, save_dir / "adapter")
+    with torch.no_grad():  # the kept adapter on a fresh base gives the same function
+        assert (base.model.eval()(ids).logits - adapted).abs().max().item() <= 1e-5
