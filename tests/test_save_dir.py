@@ -426,4 +426,5 @@ def test_a_resume_refused_under_torchrun_is_one_line_on_every_rank(tmp_path, bas
     errors = [x for x in result.stderr.splitlines() if x.startswith("error")]
     assert len(errors) == 2 and errors[0] == errors[1] and "processes 1 -> 2" in errors[0]
     assert "gloo" not in result.stderr.lower() and "Connection" not in result.stderr
-    assert result.stderr.count("exitcode  : 2") == 2  # torchrun's summary of its two children
+    # torchrun's summary: the first rank to finish exited 2 (torchrun may stop the other before it exits itself)
+    assert "exitcode  : 2" in result.stderr
