@@ -208,3 +208,15 @@ def test_offline_already_set_is_not_advised_again(tmp_path):
     assert line.startswith("error: cannot load the tokenizer meta-llama/Llama-3.2-1B: ")
     assert "HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache: point policy_name" in line
     assert "and set HF_HUB_OFFLINE=1" not in line
+
+
+@pytest.mark.cli
+def test_help_names_the_default_config():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "(default: config_dpo.yaml)" in " ".join(result.stdout.split())
+
+
+def test_the_tests_keep_wandb_runs_out_of_the_repo():
+    import os
+
+    assert not os.environ["WANDB_DIR"].startswith(str(REPO))  # conftest: offline runs go to a temporary folder

@@ -91,5 +91,7 @@ def test_a_run_reports_readiness_and_readiness_reruns_it_on_the_saved_model(sft_
     (tmp_path / "config.yaml").write_text(config.replace("wandb_project: sft-test", "wandb_project: null"))
     again = assert_ok(run_cli("--config", str(tmp_path / "config.yaml"), "--readiness", cwd=tmp_path))
     assert "Reference readiness (" in again and "Saved the SFT model" not in again
+    assert f"Updated in {copy}: metrics.json (its readiness section), the model card README.md and " \
+           "readiness_margins.png" in again
     rerun = json.loads((copy / "metrics.json").read_text())["readiness"]
     assert rerun["margins"] == pytest.approx(report["margins"], abs=1e-4)
