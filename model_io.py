@@ -58,7 +58,7 @@ def load_model(name: str, attn_implementation: str | None = None, frozen_precisi
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(frozen_precision, torch.float32)
+    dtype = half_dtype(frozen_precision) or torch.float32
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
     model.config.use_cache = False  # no KV cache while training; turned back on in the saved config
     return model
@@ -109,7 +109,6 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     Atomic per file: written to a temporary folder, then each file renamed into save_dir, so a crash while
     saving leaves the previous files whole, never a half-written model.safetensors. A LoRA run's adapter is
     saved to save_dir/adapter, then merged: the weights beside it are an ordinary model, no peft needed."""
-    import torch
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     staging = os.path.join(save_dir, STAGING)
@@ -119,12 +118,12 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter, hand DPO an ordinary model (merged weights)
         if main_process:
             model.save_pretrained(os.path.join(staging, ADAPTER))
-        trainer.model = model = model.merge_and_unload()
+        trainer.model = model = model.merge_and_unload()  # saved below; the report's samples use it too
     model.config.use_cache = True
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
     model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = half_dtype(precision)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if dtype is not None and not sharded:
         model.to(dtype)
@@ -140,6 +139,13 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
             os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
         shutil.rmtree(staging)
     trainer.save_state()  # trainer_state.json: every logged number
+
+
+def half_dtype(precision: str | None):
+    """torch's dtype for `precision` "bf16"/"fp16" (None for fp32: the weights stay as they are)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def stop_token_ids(tokenizer, base_eos) -> list[int]:

@@ -6,7 +6,9 @@
     prepare_save_dir()       lock save_dir; resume, refuse or start fresh; cut-short checkpoints removed,
                              damaged ones set aside
     run_fingerprint(), check_same_run()   resume only under the settings that define the run
-    check_disk_space(), disk_full(), start_wandb(), hub_token(), redact()
+    check_disk_space(), disk_full(), start_wandb(), hub_token(), redact(), reachable(), sharding_requested()
+    tidy_finished()          after the run: resume state removed (unless kept) and the lock released
+    size(), rerun_command()  bytes and the command line, as the messages print them
 
 Imports nothing heavy at module level: train_sft imports this before torch.
 """
@@ -65,8 +67,7 @@ def check_before_loading(cfg: Config) -> None:
                               "run `huggingface-cli login`), so the push would fail after training")
     if train.lora is not None:
         _require("peft", "sft_training.lora needs the peft package (pip install -r requirements.txt)")
-        sharded = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-        if any(os.environ.get(v, "false").lower() == "true" for v in sharded):
+        if sharding_requested():
             raise ConfigError("sft_training.lora runs single-process or with DDP (accelerate_configs/ddp.yaml), not "
                               "FSDP/DeepSpeed here: LoRA's trainable state is small enough to copy to every GPU")
     if train.use_liger_kernel:
@@ -81,6 +82,12 @@ def check_before_loading(cfg: Config) -> None:
     check_local("policy_name", cfg.policy_name)
     check_apart(train.save_dir, cfg.policy_name)
     check_hub(cfg.policy_name, cfg.dataset.dataset_name)
+
+
+def sharding_requested() -> list[str]:
+    """What the accelerate config asked for ("FSDP", "DeepSpeed"), from the variables `accelerate launch` sets."""
+    return [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+            if os.environ.get(var, "false").lower() == "true"]
 
 
 def check_apart(save_dir: str, policy_name: str) -> None:

@@ -239,18 +239,22 @@ def _one_line(error: dict) -> str:
 def _model_at(section: list[str]) -> type[BaseModel]:
     model: type[BaseModel] = Config
     for name in section:
-        annotation = model.model_fields[name].annotation
-        model = next((a for a in (annotation, *typing.get_args(annotation))
-                      if isinstance(a, type) and issubclass(a, BaseModel)), annotation)  # `Section | None`
+        model = _section_model(model.model_fields[name].annotation) or model.model_fields[name].annotation
     return model
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The section class of a field (`DatasetConfig`, or `LoraSettings` out of `LoraSettings | None`); None for a
+    plain value."""
+    return next((a for a in (annotation, *typing.get_args(annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 def _unknown(key: str, known: list[str], where: str) -> str:
     close = difflib.get_close_matches(str(key), known, n=1)
     if not close and where == "top level":  # `epochs=1` on the command line: the key of a section
         close = [f"{name}.{key}" for name, field in Config.model_fields.items()
-                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-                 and key in field.annotation.model_fields]
+                 if key in getattr(_section_model(field.annotation), "model_fields", ())]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown key '{key}' in {where}{hint}"
 

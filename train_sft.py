@@ -249,8 +249,7 @@ def parallel_mode(trainer) -> str:
         mode = f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage} (sharded)"
     else:
         mode = "DDP" if processes > 1 else "single process"
-    asked = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-             if os.environ.get(var, "false").lower() == "true" and name not in mode]
+    asked = [name for name in run_env.sharding_requested() if name not in mode]
     note = f"; the accelerate config asks for {asked[0]}, which accelerate runs only on GPUs: NOT sharded" \
         if asked else ""
     return f"{mode}, {processes} process(es){note}"
