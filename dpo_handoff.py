@@ -1,22 +1,17 @@
 """Hand the SFT model to dynamic-dpo-v1 (SeanYHan888/dynamic-dpo-v1) so that its DPO loss scores what SFT trained.
 
-Run in the DPO repo's environment (its uv.lock: transformers 4.57.3, trl 0.26.2):
+Run from this checkout, in the DPO repo's environment (its uv.lock: transformers 4.57.3, trl 0.26.2):
 
     python dpo_handoff.py check --dpo-repo PATH --model SFT_DIR [--data FILE] [-n ROWS]
     python dpo_handoff.py install --dpo-repo PATH
-    python dpo_handoff.py uninstall --dpo-repo PATH
+    python dpo_handoff.py uninstall --dpo-repo PATH [--discard-changes]
 
 Why: upstream's `RiskBetaDPOTrainer.compute_loss` runs the policy and the reference on `chosen_input_ids` /
 `rejected_input_ids`, which in TRL 0.26 hold the reply alone (the prompt is in `prompt_input_ids`), then masks the
 first `len(prompt)` positions of that reply: most pairs score no token. `check` measures that pair by pair;
 `install` makes the repo's training loss take its log-probs from TRL's own `concatenated_forward` on the
-chat-format rows SFT trained on.
-
-What `install` puts in the DPO repo (its training.py and risk_dpo_trainer.py then import these three):
-    build_dpo_pairs(raw, tok, max_length)        HH rows -> rows TRL 0.26 tokenizes exactly as SFT did; pairs
-                                                 over max_length dropped and counted, so TRL never cuts one
-    dpo_length_args(max_length)                  the DPOConfig length keys that go with them
-    trl_sequence_logps(trainer, model, inputs)   policy and reference log-probs of prompt + reply, from TRL
+chat-format rows SFT trained on (hh_sft_dpo.py, copied there). Install and uninstall are one recorded transaction
+in that repo (handoff_record.py): uninstall puts back exactly what was there.
 """
 
 from __future__ import annotations
@@ -24,61 +19,38 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import math
 import os
-import shutil
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from handoff_record import RECORD, RecordError, apply, original_bytes, read_record, remove_leftovers
+from hh_sft_dpo import build_dpo_pairs, dpo_length_args
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
 TOLERANCE = 1e-3  # summed fp32 log-probs differ by ~1e-4 between batchings; the reply-only bug is off by hundreds
 MARK = "# hh-sft handoff"
-BACKUP_SUFFIX = ".hh-sft-backup"
-# Our modules that training.py needs there (data_process_sft.py replaces the repo's file of that name; its
-# train_sft.py, the only importer of the old one, becomes a pointer to ours).
-COPIED = ("dpo_handoff.py", "data_process_sft.py", "sft_readiness.py", "sft_config.py", "run_env.py", "model_io.py")
+# Our modules that the edited training.py and risk_dpo_trainer.py need there: hh_sft_dpo and what it imports.
+# data_process_sft.py replaces the repo's file of that name; its train_sft.py, the only importer of the old one,
+# becomes a pointer to ours.
+COPIED = ("hh_sft_dpo.py", "data_process_sft.py", "sft_config.py", "run_env.py", "model_io.py")
 
 
 class HandoffError(Exception):
     """Bad input or a DPO repo of a shape we do not know: one `error:` line, exit 2."""
 
 
-# --- used inside the DPO repo after `install` --------------------------------------------------------------------
-def build_dpo_pairs(raw, tokenizer, max_length: int):
-    """The DPO rows of `raw` as SFT tokenized them (build_dpo_dataset), pairs over `max_length` tokens dropped;
-    prints what was kept and dropped."""
-    from data_process_sft import build_dpo_dataset
-
-    pairs, report = build_dpo_dataset(raw, tokenizer, max_length=max_length, return_report=True)
-    print(f"DPO data (hh-sft chat format, max_length {max_length}): {report.summary()}")
-    return pairs
-
-
-def dpo_length_args(max_length: int) -> dict:
-    """DPOConfig keys for rows from build_dpo_pairs: TRL 0.26's defaults keep the last 512 prompt tokens (cutting
-    the BOS and first turns of long prompts); every pair already fits `max_length`, so nothing is cut."""
-    return {"max_length": max_length, "max_prompt_length": None, "max_completion_length": None}
-
-
-def trl_sequence_logps(trainer, model, inputs) -> tuple:
-    """(policy chosen, policy rejected, reference chosen, reference rejected) summed log-probs of each reply and
-    its eos given its prompt, computed as TRL's own DPO loss does (concatenated_forward; the reference pass, or
-    the precomputed reference log-probs when `precompute_ref_log_probs` is on)."""
-    policy = trainer.concatenated_forward(model, inputs)
-    if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
-        ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-    else:
-        ref_chosen, ref_rejected = trainer.compute_ref_log_probs(inputs)
-    return policy["chosen_logps"], policy["rejected_logps"], ref_chosen, ref_rejected
-
-
 # --- install / uninstall: edits to the DPO repo's files ----------------------------------------------------------
 @dataclass(frozen=True)
 class Edit:
-    """Lines of a DPO-repo file from `first` to `last` (one line when `last` is None; matched without trailing
+    """Lines of a DPO-repo file from `first` to `last` (one line when `last` is None; matched without surrounding
     blanks, exactly once) become `new` (indented like `first`; `{keep}` stands for the matched line)."""
 
     path: str
@@ -95,13 +67,13 @@ class Edit:
 
 EDITS = (
     Edit("training.py", "from dataset_process_hh import build_HH_dataset",
-         (f"from dpo_handoff import build_dpo_pairs, dpo_length_args  {MARK} (was: build_HH_dataset)",)),
+         (f"from hh_sft_dpo import build_dpo_pairs, dpo_length_args  {MARK} (was: build_HH_dataset)",)),
     Edit("training.py", "hh_ds = build_HH_dataset(raw_ds)",
          (f'hh_ds = build_dpo_pairs(raw_ds, tok, max_length=int(config["dataset"]["max_len"]))  {MARK}',)),
     Edit("training.py", "output_dir=dpo_train_args['save_dir'],",
          ("{keep}", f'**dpo_length_args(int(config["dataset"]["max_len"])),  {MARK}')),
     Edit("risk_dpo_trainer.py", "from trl import DPOTrainer",
-         ("{keep}", f"from dpo_handoff import trl_sequence_logps  {MARK}")),
+         ("{keep}", f"from hh_sft_dpo import trl_sequence_logps  {MARK}")),
     Edit("risk_dpo_trainer.py", "# policy chosen and response output (needs grads)",
          (f"{MARK}: log-probs of prompt + reply (with its eos) from TRL's concatenated_forward, not of",
           "# the reply alone with its first len(prompt) tokens masked (what this block did before)",
@@ -110,28 +82,35 @@ EDITS = (
          last="ref_rejected_log_prob = compute_log_prob(logits=ref_rejected_out, labels=rejected_labels)",
          max_lines=80),
 )
+EDITED = tuple(dict.fromkeys(edit.path for edit in EDITS))
 
-POINTER = '''"""This repo's SFT stage is hh-sft's train_sft.py (`python train_sft.py --config config_dpo.yaml` in
-the hh-sft repo, which reads the same sft_training section). `dpo_handoff.py install` put this pointer here because its
-data_process_sft.py (the DPO rows as SFT tokenized them) replaced the one this script imported. The previous
-script is train_sft.py{suffix}; `python dpo_handoff.py uninstall --dpo-repo .` puts everything back."""
+POINTER = f'''"""This repo's SFT stage is hh-sft's train_sft.py (`python train_sft.py --config config_dpo.yaml` in the
+hh-sft repo, which reads the same sft_training section). `dpo_handoff.py install` put this pointer here because its
+data_process_sft.py (the DPO rows as SFT tokenized them) replaced the one this script imported. The previous script
+is kept in {RECORD}; `python /path/to/hh-sft/dpo_handoff.py uninstall --dpo-repo .` puts everything back."""
 
 import sys
 
 print("error: SFT runs from the hh-sft repo: python /path/to/hh-sft/train_sft.py --config config_dpo.yaml "
-      "(this repo's previous script: train_sft.py{suffix})", file=sys.stderr)
+      "(this repo's own script comes back with: python /path/to/hh-sft/dpo_handoff.py uninstall --dpo-repo .)",
+      file=sys.stderr)
 sys.exit(2)
-'''.replace("{suffix}", BACKUP_SUFFIX)
+'''.encode()
 
 
 class RepoFile:
-    """A text file of the DPO repo, read with its line endings (upstream uses CRLF) and written back with them."""
+    """A text file of the DPO repo as lines that keep their own endings (upstream uses CRLF), so that an edit
+    changes the lines it means to and no other byte."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        raw = path.read_bytes()
-        self.crlf = b"\r\n" in raw
-        self.lines = raw.decode("utf-8").replace("\r\n", "\n").split("\n")
+    def __init__(self, name: str, data: bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise HandoffError(f"{name} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}): the "
+                               "handoff edits only UTF-8 files; nothing was changed") from None
+        self.name = name
+        self.lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
+        self.newline = "\r\n" if "\r\n" in text else "\n"
 
     def state(self, edit: Edit) -> str:
         """"installed" (our line is there), "upstream" (the lines it replaces are there, once) or "unknown"."""
@@ -142,11 +121,16 @@ class RepoFile:
 
     def apply(self, edit: Edit) -> None:
         (start, end), = self._spans([line.strip() for line in self.lines], edit)
-        indent = self.lines[start][: len(self.lines[start]) - len(self.lines[start].lstrip())]
-        self.lines[start:end] = [self.lines[start] if line == "{keep}" else indent + line for line in edit.new]
+        first = self.lines[start]
+        content = first.rstrip("\r\n")
+        indent = content[: len(content) - len(content.lstrip())]
+        new = [content if line == "{keep}" else indent + line for line in edit.new]
+        between = first[len(content):] or self.newline  # the replaced lines' own endings
+        last = self.lines[end - 1][len(self.lines[end - 1].rstrip("\r\n")):]
+        self.lines[start:end] = [line + between for line in new[:-1]] + [new[-1] + last]
 
     def to_bytes(self) -> bytes:
-        return "\n".join(self.lines).replace("\n", "\r\n" if self.crlf else "\n").encode("utf-8")
+        return "".join(self.lines).encode("utf-8")
 
     @staticmethod
     def _spans(stripped: list[str], edit: Edit) -> list[tuple[int, int]]:
@@ -165,73 +149,103 @@ def _require_repo(repo: Path) -> None:
             raise HandoffError(f"{repo} is not a dynamic-dpo-v1 checkout (no {name})")
 
 
-def read_repo(repo: Path) -> tuple[dict[str, RepoFile], str]:
-    """The files EDITS change, and whether the repo is "upstream" or "installed"; anything else is refused."""
+def repo_state(repo: Path) -> str:
+    """"upstream" or "installed", from the lines of the files EDITS change as they are now; else refused."""
     _require_repo(repo)
-    files = {name: RepoFile(repo / name) for name in dict.fromkeys(e.path for e in EDITS)}
-    states = {e: files[e.path].state(e) for e in EDITS}
+    files = {name: RepoFile(name, (repo / name).read_bytes()) for name in EDITED}
+    states = {edit: files[edit.path].state(edit) for edit in EDITS}
+    _refuse_unknown(repo, states)
+    if len(set(states.values())) > 1:
+        raise HandoffError(f"{repo} is partly changed by the handoff: run `python dpo_handoff.py install --dpo-repo "
+                           f"{repo}` (or uninstall) to finish what was interrupted, then rerun")
+    return next(iter(states.values()))
+
+
+def _refuse_unknown(repo: Path, states: dict[Edit, str]) -> None:
     for edit, state in states.items():
         if state == "unknown":
             what = f"'{edit.first}'" + (f" ... '{edit.last}'" if edit.last else "")
             raise HandoffError(f"{repo / edit.path} is not a shape this handoff knows (expected {what} once; "
                                f"another upstream commit?): nothing was changed")
-    if len(set(states.values())) > 1:
-        raise HandoffError(f"{repo} is partly changed by an earlier install: restore it with "
-                           f"`python dpo_handoff.py uninstall --dpo-repo {repo}` (or git checkout), then install")
-    return files, next(iter(states.values()))
 
 
-def _backup(path: Path) -> None:
-    """Keep the file as it was before the first install (a later install never overwrites that copy)."""
-    backup = path.with_name(path.name + BACKUP_SUFFIX)
-    if path.is_file() and not backup.exists():
-        shutil.copy2(path, backup)
+def _older_install(repo: Path, names: list[str]) -> HandoffError:
+    return HandoffError(
+        f"{', '.join(names)} in {repo} carry lines marked '{MARK}' but there is no handoff record ({RECORD}): an "
+        f"older dpo_handoff.py changed them. Put the repo's files back first (git checkout -- training.py "
+        f"risk_dpo_trainer.py train_sft.py data_process_sft.py, or the NAME.hh-sft-backup copies it left), then "
+        f"rerun; nothing was changed")
 
 
-def install(repo: Path) -> int:
-    files, state = read_repo(repo)
-    changes = []
-    if state == "upstream":
-        for edit in EDITS:
-            files[edit.path].apply(edit)
-        for name, file in files.items():
-            _backup(file.path)
-            file.path.write_bytes(file.to_bytes())
-            changes.append(f"{name}: edited (lines marked '{MARK}')")
-    wanted = {name: (HERE / name).read_bytes() for name in COPIED} | {"train_sft.py": POINTER.encode()}
-    for name, content in wanted.items():
-        path = repo / name
-        if path.is_file() and path.read_bytes() == content:
-            continue
-        _backup(path)
-        existed = path.is_file()
-        path.write_bytes(content)
-        changes.append(f"{name}: " + ("pointer to hh-sft's train_sft.py" if name == "train_sft.py" else
-                                      "updated" if existed and state == "installed" else
-                                      "replaced by hh-sft's" if existed else "added"))
-    if not changes:
+def install_targets(repo: Path, source: Path) -> dict[str, bytes | None]:
+    """Every file install writes, with its bytes: EDITS applied to the repo's original files (as the record keeps
+    them after an earlier install), our modules from `source`, the pointer; files an earlier install added that this
+    one no longer needs go back to what they were (None)."""
+    _require_repo(repo)
+    if source.resolve() == repo.resolve():
+        raise HandoffError(f"run install from the hh-sft checkout (python /path/to/hh-sft/dpo_handoff.py install "
+                           f"--dpo-repo {repo}), not from a copy inside the DPO repo; nothing was changed")
+    missing = [name for name in COPIED if not (source / name).is_file()]
+    if missing:
+        raise HandoffError(f"{source} lacks {', '.join(missing)}: run install from a whole hh-sft checkout; "
+                           "nothing was changed")
+    record = read_record(repo)
+    targets: dict[str, bytes | None] = {}
+    for name in EDITED:
+        file = RepoFile(name, original_bytes(repo, name, record))
+        states = {edit: file.state(edit) for edit in EDITS if edit.path == name}
+        if "installed" in states.values():
+            raise _older_install(repo, [name])
+        _refuse_unknown(repo, states)
+        for edit in states:
+            file.apply(edit)
+        targets[name] = file.to_bytes()
+    targets |= {name: (source / name).read_bytes() for name in COPIED} | {"train_sft.py": POINTER}
+    return targets | {name: None for name in record.entries if name not in targets}
+
+
+INSTALL_WORDS = {"added": "added", "updated": "updated", "removed": "removed (no longer needed)",
+                 "restored": "restored (no longer needed)"}
+
+
+def install(repo: Path, source: Path = HERE, discard_changes: bool = False) -> int:
+    outcome = apply(repo, install_targets(repo, source), discard_changes=discard_changes)
+    if not outcome.changed and not outcome.resumed:
         print(f"already installed in {repo}: nothing changed")
         return 0
-    print(f"Installed the hh-sft DPO handoff in {repo}:")
-    print("\n".join(f"  {line}" for line in changes))
-    print(f"  previous files kept as NAME{BACKUP_SUFFIX}; undo: python dpo_handoff.py uninstall --dpo-repo {repo}")
+    changed = {"train_sft.py": "pointer to hh-sft's train_sft.py", "data_process_sft.py": "replaced by hh-sft's"}
+    print(f"Installed the hh-sft DPO handoff in {repo} (record of every file: {repo / RECORD}):")
+    if outcome.resumed:
+        print("  (an interrupted install or uninstall was found in the record: this install finished it)")
+    for name, action in outcome.actions.items():
+        if action == "changed":
+            print(f"  {name}: " + changed.get(name, f"edited (lines marked '{MARK}')"))
+        elif action != "unchanged":
+            print(f"  {name}: {INSTALL_WORDS[action]}")
+    print(f"  undo: python dpo_handoff.py uninstall --dpo-repo {repo}")
     return 0
 
 
-def uninstall(repo: Path) -> int:
+def uninstall(repo: Path, discard_changes: bool = False) -> int:
     _require_repo(repo)
-    restored = []
-    for name in dict.fromkeys([*(e.path for e in EDITS), *COPIED, "train_sft.py"]):
-        path = repo / name
-        backup = path.with_name(name + BACKUP_SUFFIX)
-        if backup.is_file():
-            os.replace(backup, path)
-            restored.append(f"{name}: restored")
-        elif name in COPIED and path.is_file() and path.resolve() != Path(__file__).resolve():  # added by us
-            path.unlink()
-            restored.append(f"{name}: removed")
-    print(f"Uninstalled from {repo}:" if restored else f"nothing to undo in {repo}")
-    print("\n".join(f"  {line}" for line in restored))
+    record = read_record(repo)
+    if record.empty:
+        marked = [name for name in EDITED if MARK.encode() in (repo / name).read_bytes()]
+        if marked:
+            raise _older_install(repo, marked)
+        left = remove_leftovers(repo)
+        print(f"nothing installed in {repo} (no handoff record {RECORD}): nothing touched"
+              + (f" but a temporary file a killed install left ({', '.join(left)})" if left else ""))
+        return 0
+    outcome = apply(repo, dict.fromkeys(record.entries), discard_changes=discard_changes)
+    print(f"Uninstalled the hh-sft DPO handoff from {repo}:")
+    if outcome.resumed:
+        print("  (an interrupted install or uninstall was found in the record: undone)")
+    for name, action in outcome.actions.items():
+        words = {"removed": "removed (the handoff had added it)", "restored": "restored as it was before",
+                 "unchanged": "already as it was before"}
+        print(f"  {name}: {words[action]}")
+    print(f"  {RECORD}: removed")
     return 0
 
 
@@ -240,69 +254,122 @@ LOGP_KEYS = ("policy_chosen_log_prob", "policy_rejected_log_prob", "ref_chosen_l
 
 
 def check(repo: Path, model_dir: Path, data: str, rows: int, batch_size: int, report_path: Path | None) -> int:
-    """Build the repo's trainer as its training.py does (its trainer class, its data builder and DPOConfig
-    length keys as installed or not, policy and reference from the SFT folder, fp32), run its training loss on
-    the first `rows` HH rows, and compare the log-probs it passes to its DPO loss with the SFT computation."""
-    _, state = read_repo(repo)
+    """Build the repo's trainer as its training.py does (its trainer class, its data builder and DPOConfig length
+    keys as installed or not, policy and reference from the SFT folder, fp32), run its training loss on the first
+    `rows` rows of `data`, and compare the log-probs it passes to its DPO loss with the SFT computation."""
+    state, max_len = repo_state(repo), _dpo_max_len(repo)
+    _require_model_folder(model_dir)
+    if report_path and not os.access(report_path.parent, os.W_OK):
+        raise HandoffError(f"--report {report_path}: its folder does not exist or is not writable")
     _require_dpo_stack()
+    _quiet_libraries()
+    raw = _read_rows(data, rows)
+    tokenizer = _load_tokenizer(model_dir)
+    sys.path.append(str(repo))  # the repo's data and trainer modules; ours come first on the path
+    pairs = _pairs(state, raw, tokenizer, max_len)
+    if not pairs["compared"]:  # (a loss over no batch has nothing to compare)
+        raise HandoffError(f"none of the first {rows} rows of {data} gives a pair that both the repo's data builder "
+                           "and SFT's keep: read more rows with -n")
+    print(f"Scoring {len(pairs['compared'])} pairs with the repo's training loss and with SFT's computation (policy "
+          f"and reference, fp32, on the CPU unless a GPU is visible): seconds on a GPU, minutes on a CPU with a "
+          f"128k vocabulary", flush=True)
+    got, scored, want, expected = _measure(repo, model_dir, tokenizer, pairs, state, max_len, batch_size)
+    result = {"repo": str(repo), "state": state, "model": str(model_dir), "data": data, "max_len": max_len,
+              "rows_read": len(raw), "rows": np.array(pairs["compared"], dtype=int), "expected_tokens": expected,
+              "scored_tokens": scored, "expected_logps": want, "loss_logps": got,
+              "dropped_by_repo_builder": len(raw) - len(pairs["built"]),
+              "dropped_by_sft_builder": len(pairs["built"]) - len(pairs["compared"])}
+    if report_path:
+        report_path.write_text(json.dumps(result, indent=1, default=np.ndarray.tolist), encoding="utf-8")
+    return _verdict(result, np.abs(got - want), repo)
+
+
+def _dpo_max_len(repo: Path) -> int:
+    import yaml
+
+    try:
+        config = yaml.safe_load((repo / "config_dpo.yaml").read_text(encoding="utf-8"))
+        return int(config["dataset"]["max_len"])
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise HandoffError(f"{repo / 'config_dpo.yaml'} cannot be read: {str(e).splitlines()[0]}") from None
+    except (KeyError, TypeError, ValueError):
+        raise HandoffError(f"{repo / 'config_dpo.yaml'} has no integer dataset.max_len: its training.py reads it "
+                           "(e.g. `max_len: 512` under `dataset:`)") from None
+
+
+def _require_model_folder(model_dir: Path) -> None:
     if not (model_dir / "config.json").is_file():
         raise HandoffError(f"--model {model_dir}: no config.json (expected the folder train_sft.py saved)")
-    from data_process_sft import build_dpo_dataset, load_hh_rows
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise HandoffError(f"--model {model_dir}: no tokenizer files (tokenizer.json; expected the folder "
+                           "train_sft.py saved, which holds its tokenizer)")
+
+
+def _read_rows(data: str, rows: int):
+    from data_process_sft import load_hh_rows
     from sft_config import ConfigError
 
     try:
-        raw = load_hh_rows(data, f"train[:{rows}]")
+        return load_hh_rows(data, f"train[:{rows}]")
     except ConfigError as e:
         raise HandoffError(str(e)) from None
 
-    import numpy as np
-    import yaml
+
+def _load_tokenizer(model_dir: Path):
+    """The tokenizer as the repo's training.py loads it (eos as pad when none), checked against the model's
+    vocabulary: a token id past the embedding table would fail deep inside the forward."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise HandoffError(f"--model {model_dir}: its tokenizer does not load ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    vocabulary = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    if isinstance(vocabulary, int) and len(tokenizer) > vocabulary:
+        raise HandoffError(f"--model {model_dir}: the model's vocabulary ({vocabulary:,}) is smaller than its "
+                           f"tokenizer's ({len(tokenizer):,}): not a folder train_sft.py saved")
+    return tokenizer
+
+
+def _pairs(state: str, raw, tokenizer, max_len: int) -> dict:
+    """The pairs both sides can score: `built` (row -> the DPO row the repo's training.py builds), `reference` (row
+    -> SFT's pair, no length limit) and `compared` (rows in both)."""
+    from data_process_sft import build_dpo_dataset
+
+    built = _repo_rows(state, raw, tokenizer, max_len)
+    reference = {row["row"]: row for row in build_dpo_dataset(raw)}
+    return {"built": built, "reference": reference, "compared": [i for i in built if i in reference]}
+
+
+def _measure(repo: Path, model_dir: Path, tokenizer, pairs: dict, state: str, max_len: int, batch_size: int):
+    """The repo's training loss on the compared pairs (log-probs and scored tokens per pair, see _loss_logps) and
+    SFT's computation of the same (sft_readiness: log-probs and reply tokens per pair)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback
+    from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback
     from trl import DPOConfig
 
     import sft_readiness as sr
 
-    _quiet_libraries()
-    config = yaml.safe_load((repo / "config_dpo.yaml").read_text(encoding="utf-8"))
-    max_len = int(config["dataset"]["max_len"])
-    sys.path.append(str(repo))  # the repo's trainer modules; ours come first on the path
     module = importlib.import_module("risk_dpo_trainer")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-    built = _repo_rows(state, raw, tokenizer, max_len)
-    reference = {row["row"]: row for row in build_dpo_dataset(raw)}
-    compared = [i for i in built if i in reference]
-    if not compared:  # (a loss over no batch has nothing to compare)
-        raise HandoffError(f"none of the first {rows} HH rows of {data} gives a pair that both the repo's data "
-                           "builder and SFT's keep: read more rows with -n")
+    compared = pairs["compared"]
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=batch_size, report_to=[], bf16=False, fp16=False,
                          remove_unused_columns=False, **(dpo_length_args(max_len) if state == "installed" else {}))
         policy, ref_model = (AutoModelForCausalLM.from_pretrained(model_dir) for _ in range(2))
         trainer = module.RiskBetaDPOTrainer(
             model=policy.eval(), ref_model=ref_model.eval(), args=args, processing_class=None,
-            train_dataset=Dataset.from_list([built[i] for i in compared]),
+            train_dataset=Dataset.from_list([pairs["built"][i] for i in compared]),
             dynamic_cfg=module.RiskBetaDPOConfig(log_margins=False))
         for printer in (PrinterCallback, ProgressCallback):  # its per-step dpo/* logs: the table is the output
             trainer.remove_callback(printer)
         got, scored = _loss_logps(trainer, module, batch_size)
-        replies = sr.reply_sequences(tokenizer, [reference[i] for i in compared], max_length=sys.maxsize)
+        replies = sr.reply_sequences(tokenizer, [pairs["reference"][i] for i in compared], max_length=sys.maxsize)
         want = sr.reply_logps(trainer.model, replies, tokenizer.pad_token_id, batch_size=batch_size)
     _, sequences, starts = replies
-    expected_tokens = np.array([len(s) - start for s, start in zip(sequences, starts)]).reshape(-1, 2)
-    want = np.stack([want["chosen_sum"], want["rejected_sum"]] * 2, axis=1)
-    result = {"repo": str(repo), "state": state, "model": str(model_dir), "data": data, "rows_read": len(raw),
-              "rows": np.array(compared, dtype=int), "expected_tokens": expected_tokens, "scored_tokens": scored,
-              "expected_logps": want, "loss_logps": got,
-              "dropped_by_repo_builder": len(raw) - len(built), "dropped_by_sft_builder": len(built) - len(compared)}
-    if report_path:
-        import json
-
-        report_path.write_text(json.dumps(result, indent=1, default=np.ndarray.tolist), encoding="utf-8")
-    return _verdict(result, np.abs(got - want), repo)
+    expected = np.array([len(s) - start for s, start in zip(sequences, starts)]).reshape(-1, 2)
+    return got, scored, np.stack([want["chosen_sum"], want["rejected_sum"]] * 2, axis=1), expected
 
 
 def _quiet_libraries() -> None:
@@ -344,7 +411,6 @@ def _loss_logps(trainer, module, batch_size: int):
     """Per pair, in dataset order: the four log-prob sums the repo's training loss passes to its DPO loss
     (LOGP_KEYS), and how many reply tokens each of them scores, found by running the same loss again with both
     models' logits set to zero: every scored token then adds exactly -log(vocabulary size)."""
-    import numpy as np
     import torch
     from torch.utils.data import DataLoader
 
@@ -386,31 +452,35 @@ def _loss_logps(trainer, module, batch_size: int):
 
 
 def _verdict(result: dict, diff, repo: Path) -> int:
-    """Print the table; exit 0 only when every pair's four log-probs match the SFT computation within TOLERANCE."""
+    """Print the table; exit 0 only when every pair's four log-probs match the SFT computation within TOLERANCE.
+    A pair is unscored where the policy's or the reference's sums miss any reply token."""
     expected, scored, rows = result["expected_tokens"], result["scored_tokens"], result["rows"]
     pairs = len(rows)
-    nothing, bad = rows[(scored == 0).all(axis=1)], rows[(diff > TOLERANCE).any(axis=1)]
+    missing = rows[(scored < np.concatenate([expected, expected], axis=1)).any(axis=1)]
+    bad = rows[(diff > TOLERANCE).any(axis=1)]
     worst = float(diff.max())
     print(f"DPO handoff check: {repo} ({result['state']}), SFT model {result['model']}")
-    print(f"  HH rows read {result['rows_read']} from {result['data']}; pairs compared {pairs} (dropped by the repo's "
-          f"data builder {result['dropped_by_repo_builder']}, by SFT's {result['dropped_by_sft_builder']})")
+    limit = f" (pairs over max_len {result['max_len']} among them)" if result["state"] == "installed" else ""
+    print(f"  rows read {result['rows_read']} from {result['data']}; pairs compared {pairs}; not compared: "
+          f"{result['dropped_by_repo_builder']} dropped by the repo's data builder{limit}, "
+          f"{result['dropped_by_sft_builder']} by SFT's")
     print(f"  {'':36}{'chosen':>18}{'rejected':>18}")
     for label, columns in (("reply tokens scored (policy)", (0, 1)), ("reply tokens scored (reference)", (2, 3))):
         cells = [f"{scored[:, c].sum():,} of {expected[:, side].sum():,}" for side, c in enumerate(columns)]
         print(f"  {label:36}{cells[0]:>18}{cells[1]:>18}")
-    print(f"  {'pairs scoring no reply token':36}{len(nothing):>18} of {pairs}")
+    print(f"  {'pairs missing reply tokens':36}{len(missing):>18} of {pairs}")
     print(f"  {'max |log-prob - SFT log-prob|':36}{worst:>18.3g}   (tolerance {TOLERANCE:g}, "
           f"pairs over it {len(bad)})")
-    if not len(bad):
+    if not len(bad) and not len(missing):
         print(f"ok: the training loss scores every reply token of {pairs} pairs with its prompt, as SFT trained "
               f"(max difference {worst:.2g})")
         return 0
     fix = (f"fix: python dpo_handoff.py install --dpo-repo {repo}" if result["state"] == "upstream" else
            "the installed loss still differs: report it with this output")
     print(f"check failed: the training loss scores {scored.sum():,} of {2 * expected.sum():,} reply tokens "
-          f"(policy and reference); {len(nothing)} of {pairs} pairs score none (HH rows {_rows(nothing)}); "
-          f"{len(bad)} pairs differ from the SFT log-probs by up to {worst:.4g} (rows {_rows(bad)}); {fix}",
-          file=sys.stderr)
+          f"(policy and reference); {len(missing)} of {pairs} pairs miss reply tokens (rows {_rows(missing)} of "
+          f"--data, 0-based); {len(bad)} pairs differ from the SFT log-probs by up to {worst:.4g} (rows {_rows(bad)}); "
+          f"{fix}", file=sys.stderr)
     return 1
 
 
@@ -427,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     uninstall_cmd = commands.add_parser("uninstall", help="put back the repo's files as they were")
     for command in (check_cmd, install_cmd, uninstall_cmd):
         command.add_argument("--dpo-repo", type=Path, required=True, help="the dynamic-dpo-v1 checkout")
+    for command in (install_cmd, uninstall_cmd):
+        command.add_argument("--discard-changes", action="store_true",
+                             help="overwrite files the handoff wrote that were edited since (their edits are lost)")
     check_cmd.add_argument("--model", type=Path, required=True, help="the folder train_sft.py saved")
     check_cmd.add_argument("--data", default=str(DEFAULT_DATA) if DEFAULT_DATA.exists() else "Anthropic/hh-rlhf",
                            help="HH rows: a .jsonl(.gz)/.json/.parquet file or a Hub id (default: %(default)s)")
@@ -437,13 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "install":
-            return install(args.dpo_repo.resolve())
+            return install(args.dpo_repo.resolve(), discard_changes=args.discard_changes)
         if args.command == "uninstall":
-            return uninstall(args.dpo_repo.resolve())
+            return uninstall(args.dpo_repo.resolve(), discard_changes=args.discard_changes)
         if min(args.rows, args.batch_size) < 1:
             raise HandoffError("-n/--rows and --batch-size must be at least 1")
         return check(args.dpo_repo.resolve(), args.model, args.data, args.rows, args.batch_size, args.report)
-    except HandoffError as e:
+    except (HandoffError, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

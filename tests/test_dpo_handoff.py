@@ -1,59 +1,96 @@
-"""dpo_handoff.py: `install` edits a tree shaped like dynamic-dpo-v1 (CRLF, as upstream) and undoes it; `check`, in
-the DPO repo's pinned stack (TRL 0.26.2), fails on a trainer that scores replies without their prompts, naming the
-pairs that score nothing, and passes once installed: the log-probs the training loss then uses (TRL's
-concatenated_forward) equal the SFT computation of sft_readiness (within 1e-3 on summed fp32 log-probs)."""
+"""dpo_handoff.py on a tree shaped like dynamic-dpo-v1 (CRLF, as upstream): `install` and `uninstall` are one
+recorded transaction (handoff_record.py) that never touches what it did not write, survives a kill at any write, and
+puts back the original byte for byte; `check`, in the DPO repo's pinned stack (TRL 0.26.2), fails on a trainer that
+scores replies without their prompts and passes once installed; the installed loss trains like TRL's DPOTrainer."""
 
+import base64
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dpo_handoff
-from conftest import REAL_HH, REPO, cli_env, run_cli
+import handoff_record
+from conftest import REAL_HH, REPO, cli_env, run_cli, stack_env
 
 DOUBLE = REPO / "tests" / "dpo_repo_double"
+RECORD = handoff_record.RECORD
 
 
-@pytest.fixture
-def dpo_repo(tmp_path):
+def make_repo(folder):
     """A copy of the test double of dynamic-dpo-v1, with upstream's CRLF line endings."""
-    repo = tmp_path / "dynamic-dpo-v1"
-    repo.mkdir()
+    repo = Path(folder) / "dynamic-dpo-v1"
+    repo.mkdir(parents=True)
     for path in DOUBLE.iterdir():
         if path.is_file():
             (repo / path.name).write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
     return repo
 
 
+@pytest.fixture
+def dpo_repo(tmp_path):
+    return make_repo(tmp_path)
+
+
 def snapshot(repo):
-    return {p.name: p.read_bytes() for p in sorted(repo.iterdir()) if p.is_file()}
+    """Every file in the tree (hidden ones too) with its bytes."""
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
 
 
 def handoff(*args, env=None):
     return run_cli(*args, script="dpo_handoff.py", env=env)
 
 
+def assert_refused(result, *needles):
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ")
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def newer_checkout(tmp_path):
+    """A copy of this checkout's handoff sources with a changed module: what an update install brings."""
+    source = tmp_path / "hh-sft-newer"
+    source.mkdir()
+    for name in dpo_handoff.COPIED:
+        (source / name).write_bytes((REPO / name).read_bytes())
+    (source / "model_io.py").write_bytes((REPO / "model_io.py").read_bytes() + b"\n# a newer version\n")
+    return source
+
+
 @pytest.mark.cli
-def test_install_edits_keeps_crlf_and_backups_and_is_idempotent(dpo_repo):
+def test_install_edits_records_keeps_crlf_and_uninstall_restores_every_byte(dpo_repo):
     before = snapshot(dpo_repo)
     first = handoff("install", "--dpo-repo", str(dpo_repo))
     assert first.returncode == 0, first.stderr
     after = snapshot(dpo_repo)
-    for name in ("training.py", "risk_dpo_trainer.py", "data_process_sft.py", "train_sft.py"):
-        assert after[name + dpo_handoff.BACKUP_SUFFIX] == before[name]  # every changed file kept as it was
-        assert name in first.stdout
-    for name in ("training.py", "risk_dpo_trainer.py"):
+    record = json.loads(after[RECORD])
+    assert record["state"] == "installed"
+    for name, entry in record["files"].items():  # every touched path: added or changed, hashes, original bytes
+        assert entry["action"] == ("changed" if name in before else "added"), name
+        assert entry["written_sha256"][-1] == handoff_record.digest(after[name])
+        if name in before:
+            assert base64.b64decode(entry["original_base64"]) == before[name]
+            assert entry["before_sha256"] == handoff_record.digest(before[name])
+        else:
+            assert entry["original_base64"] is None and entry["before_sha256"] is None
+    assert set(record["files"]) == {*dpo_handoff.EDITED, *dpo_handoff.COPIED, "train_sft.py"}
+    assert set(after) == set(before) | set(record["files"]) | {RECORD}  # no backups, nothing else
+    for name in dpo_handoff.EDITED:
         text = after[name].decode()
-        assert text.count("\r\n") == text.count("\n")  # CRLF kept
-        assert dpo_handoff.MARK in text
-    training = after["training.py"].decode()
-    assert "build_HH_dataset(raw_ds)" not in training and "hh_ds = build_dpo_pairs(raw_ds, tok" in training
-    assert "**dpo_length_args(" in training
-    trainer = after["risk_dpo_trainer.py"].decode()
-    assert "trl_sequence_logps(self, model, inputs)" in trainer and "policy_chosen_out = model(" not in trainer
-    compile(trainer, "risk_dpo_trainer.py", "exec")
-    compile(training, "training.py", "exec")
+        assert text.count("\r\n") == text.count("\n") and dpo_handoff.MARK in text  # CRLF kept
+        compile(text, name, "exec")
+    assert "build_HH_dataset(raw_ds)" not in after["training.py"].decode()
+    assert "trl_sequence_logps(self, model, inputs)" in after["risk_dpo_trainer.py"].decode()
     for name in dpo_handoff.COPIED:
         assert after[name] == (REPO / name).read_bytes()
+
     second = handoff("install", "--dpo-repo", str(dpo_repo))
     assert second.returncode == 0 and "already installed" in second.stdout
     assert snapshot(dpo_repo) == after
@@ -61,42 +98,338 @@ def test_install_edits_keeps_crlf_and_backups_and_is_idempotent(dpo_repo):
     undo = handoff("uninstall", "--dpo-repo", str(dpo_repo))
     assert undo.returncode == 0, undo.stderr
     assert snapshot(dpo_repo) == before
+    again = handoff("uninstall", "--dpo-repo", str(dpo_repo))
+    assert again.returncode == 0 and again.stdout.startswith("nothing installed in")
+    assert snapshot(dpo_repo) == before
 
 
 @pytest.mark.cli
-def test_the_pointer_left_for_the_repos_sft_script_says_where_sft_runs(dpo_repo):
+def test_uninstall_with_no_record_touches_nothing_not_even_the_repos_own_modules(dpo_repo):
+    """Case 1: the repo's own data_process_sft.py (its train_sft.py imports it) was deleted by an uninstall that
+    had nothing to undo."""
+    before = snapshot(dpo_repo)
+    for _ in range(2):
+        result = handoff("uninstall", "--dpo-repo", str(dpo_repo))
+        assert result.returncode == 0 and "nothing installed" in result.stdout and "removed" not in result.stdout
+        assert snapshot(dpo_repo) == before
+
+
+@pytest.mark.cli
+def test_a_stale_backup_is_never_put_back_and_user_edits_are_never_dropped_silently(dpo_repo):
+    """Case 2: a NAME.hh-sft-backup left by an older install; edits made to an installed file after install."""
+    stale = dpo_repo / "training.py.hh-sft-backup"
+    stale.write_bytes(b"# an old copy\r\n")
+    before = snapshot(dpo_repo)
     assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
-    result = run_cli(script=str(dpo_repo / "train_sft.py"))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: SFT runs from the hh-sft repo: python /path/to/hh-sft/train_sft.py")
+    training = dpo_repo / "training.py"
+    edited = training.read_bytes() + b"# my own line\r\n"
+    training.write_bytes(edited)
+    installed = snapshot(dpo_repo)
+
+    refused = handoff("uninstall", "--dpo-repo", str(dpo_repo))
+    assert_refused(refused, "changed since the handoff wrote them: training.py", "--discard-changes")
+    assert snapshot(dpo_repo) == installed  # nothing undone, the edit kept
+    update = handoff("install", "--dpo-repo", str(dpo_repo))
+    assert_refused(update, "changed since the handoff wrote them: training.py")
+    assert snapshot(dpo_repo) == installed
+
+    forced = handoff("uninstall", "--dpo-repo", str(dpo_repo), "--discard-changes")
+    assert forced.returncode == 0, forced.stderr
+    assert snapshot(dpo_repo) == before  # the original, not the stale copy; the stale copy untouched
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("damage", ["unknown_line", "partly_installed", "not_a_repo"])
-def test_install_refuses_a_tree_it_does_not_know_in_one_line(dpo_repo, damage):
-    training = dpo_repo / "training.py"
-    if damage == "unknown_line":
+def test_a_file_deleted_after_install_is_named_not_recreated(dpo_repo):
+    assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
+    (dpo_repo / "risk_dpo_trainer.py").unlink()
+    installed = snapshot(dpo_repo)
+    assert_refused(handoff("uninstall", "--dpo-repo", str(dpo_repo)), "risk_dpo_trainer.py")
+    assert snapshot(dpo_repo) == installed
+
+
+KILL = """import os, sys
+sys.path.insert(0, {repo!r})
+import dpo_handoff
+count, at, when = 0, int(sys.argv[1]), sys.argv[2]
+def killing(real):
+    def call(*args, **kwargs):
+        global count
+        count += 1
+        if count == at and when == "before":
+            os._exit(137)
+        result = real(*args, **kwargs)
+        if count == at and when == "after":
+            os._exit(137)
+        return result
+    return call
+os.replace, os.unlink = killing(os.replace), killing(os.unlink)
+code = dpo_handoff.main(sys.argv[3:])
+print("writes", count)
+sys.exit(code)
+"""
+
+
+@pytest.mark.cli
+def test_a_kill_at_every_write_of_install_or_uninstall_is_finished_or_undone_by_the_next_call(tmp_path):
+    """Case 3: each rename or removal of install (and of uninstall) killed before and after it happens; the next
+    `install` leaves the tree fully installed, the next `uninstall` leaves it byte-identical to the original."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILL.format(repo=str(REPO)))
+
+    def run(repo, at, when, *command):
+        return subprocess.run([sys.executable, str(script), str(at), when, *command, "--dpo-repo", str(repo)],
+                              capture_output=True, text=True, timeout=120, env=cli_env())
+
+    reference = make_repo(tmp_path / "reference")
+    original = snapshot(reference)
+    counted = run(reference, 0, "never", "install")
+    installed, writes = snapshot(reference), int(counted.stdout.split()[-1])
+    undo_writes = int(run(make_installed(tmp_path / "count"), 0, "never", "uninstall").stdout.split()[-1])
+    assert writes >= 10 and undo_writes >= 9  # the record twice and every file
+    cases = [(command, at, when) for command, total in (("install", writes), ("uninstall", undo_writes))
+             for at in range(1, total + 1) for when in ("before", "after")]
+    for i, (command, at, when) in enumerate(cases):
+        for recovery in ("install", "uninstall"):
+            repo = make_repo(tmp_path / f"{i}-{recovery}") if command == "install" else \
+                make_installed(tmp_path / f"{i}-{recovery}")
+            assert run(repo, at, when, command).returncode == 137
+            finished = run(repo, 0, "never", recovery)
+            assert finished.returncode == 0, (command, at, when, finished.stderr)
+            assert snapshot(repo) == (installed if recovery == "install" else original), (command, at, when)
+
+
+def make_installed(folder):
+    repo = make_repo(folder)
+    assert dpo_handoff.install(repo) == 0
+    return repo
+
+
+@pytest.mark.cli
+def test_an_update_from_a_newer_checkout_is_undone_to_the_original_not_to_the_older_install(dpo_repo, tmp_path):
+    """Case 4: an update install once backed up the files install itself had added, and uninstall 'restored' them."""
+    before = snapshot(dpo_repo)
+    assert dpo_handoff.install(dpo_repo) == 0
+    assert dpo_handoff.install(dpo_repo, source=newer_checkout(tmp_path)) == 0
+    assert (dpo_repo / "model_io.py").read_bytes().endswith(b"# a newer version\n")
+    record = json.loads((dpo_repo / RECORD).read_text())
+    assert record["files"]["model_io.py"]["action"] == "added" and len(record["files"]["model_io.py"]
+                                                                        ["written_sha256"]) == 2
+    assert handoff("uninstall", "--dpo-repo", str(dpo_repo)).returncode == 0
+    assert snapshot(dpo_repo) == before
+
+
+@pytest.mark.cli
+def test_install_is_refused_from_inside_the_dpo_repo_and_leaves_no_copy_of_itself_there(dpo_repo):
+    """Case 4: the pointer said to run dpo_handoff.py from the DPO repo, where uninstall left it behind; install from
+    that copy failed half-changed. Now the tool is never copied there, and a copy run from there is refused."""
+    assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
+    assert not (dpo_repo / "dpo_handoff.py").exists()
+    pointer = run_cli(script=str(dpo_repo / "train_sft.py"))
+    assert pointer.returncode == 2 and "python /path/to/hh-sft/dpo_handoff.py uninstall --dpo-repo ." in pointer.stderr
+    assert handoff("uninstall", "--dpo-repo", str(dpo_repo)).returncode == 0
+    for name in ("dpo_handoff.py", "handoff_record.py", *dpo_handoff.COPIED):
+        (dpo_repo / name).write_bytes((REPO / name).read_bytes())
+    before = snapshot(dpo_repo)
+    result = run_cli("install", "--dpo-repo", ".", script=str(dpo_repo / "dpo_handoff.py"), cwd=dpo_repo)
+    assert_refused(result, "run install from the hh-sft checkout")
+    assert snapshot(dpo_repo) == before
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("damage", ["read_only", "not_utf8", "symlink", "unknown_line", "older_install", "not_repo"])
+def test_install_refuses_an_unsafe_or_unknown_tree_in_one_line_before_writing_anything(dpo_repo, tmp_path, damage):
+    """Case 5 (a read-only, non-UTF-8 or symlinked file) and the shapes install does not know."""
+    training, outside = dpo_repo / "training.py", tmp_path / "elsewhere.py"
+    if damage == "read_only":
+        (dpo_repo / "risk_dpo_trainer.py").chmod(0o444)
+    elif damage == "not_utf8":
+        training.write_bytes(training.read_bytes().replace(b"import yaml", b"import yaml  # caf\xe9"))
+    elif damage == "symlink":
+        outside.write_bytes(training.read_bytes())
+        training.unlink()
+        training.symlink_to(outside)
+    elif damage == "unknown_line":
         training.write_bytes(training.read_bytes().replace(b"build_HH_dataset(raw_ds)", b"build_hh(raw_ds, 1)"))
-    elif damage == "partly_installed":
-        assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
-        (dpo_repo / "training.py.hh-sft-backup").replace(training)
+    elif damage == "older_install":  # an older dpo_handoff.py's edits, without a record
+        assert dpo_handoff.install(dpo_repo) == 0
+        (dpo_repo / RECORD).unlink()
     else:
         training.unlink()
-    before = snapshot(dpo_repo)
-    result = handoff("install", "--dpo-repo", str(dpo_repo))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
-    expected = {"unknown_line": "training.py is not a shape this handoff knows (expected 'hh_ds = build_HH_dataset",
-                "partly_installed": "is partly changed by an earlier install",
-                "not_a_repo": "is not a dynamic-dpo-v1 checkout (no training.py)"}[damage]
-    assert expected in result.stderr
-    assert snapshot(dpo_repo) == before  # nothing changed
+    before, outside_before = snapshot(dpo_repo), outside.read_bytes() if outside.exists() else None
+    expected = {"read_only": "risk_dpo_trainer.py is read-only", "not_utf8": "training.py is not UTF-8 text (byte",
+                "symlink": "training.py is a symbolic link", "unknown_line": "training.py is not a shape this handoff "
+                "knows (expected 'hh_ds = build_HH_dataset", "older_install": "but there is no handoff record",
+                "not_repo": "is not a dynamic-dpo-v1 checkout (no training.py)"}[damage]
+    assert_refused(handoff("install", "--dpo-repo", str(dpo_repo)), expected)
+    assert snapshot(dpo_repo) == before and (outside.read_bytes() if outside.exists() else None) == outside_before
+    assert training.is_symlink() == (damage == "symlink")
+    if damage == "older_install":
+        assert_refused(handoff("uninstall", "--dpo-repo", str(dpo_repo)), "but there is no handoff record")
+        assert snapshot(dpo_repo) == before
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_install_changes_only_the_lines_it_means_to_even_without_a_final_newline(tmp_path, ending):
+    """Every other line of training.py (e.g. output_dir) stays byte for byte; the file's line endings and its
+    missing final newline stay."""
+    repo = make_repo(tmp_path)
+    training = repo / "training.py"
+    text = training.read_bytes().replace(b"\r\n", ending).rstrip(b"\r\n")
+    training.write_bytes(text + ending + b"    main()  # last line, no newline")
+    original = training.read_bytes()
+    assert dpo_handoff.install(repo) == 0
+    installed = training.read_bytes()
+    assert not installed.endswith(b"\n") and installed.count(b"\r\n") == (installed.count(b"\n")
+                                                                         if ending == b"\r\n" else 0)
+    old_lines, new_lines = original.split(ending), installed.split(ending)
+    removed = [line for line in old_lines if line not in new_lines]
+    added = [line for line in new_lines if line not in old_lines]
+    assert [line.strip() for line in removed] == [b"from dataset_process_hh import build_HH_dataset",
+                                                  b"hh_ds = build_HH_dataset(raw_ds)"]
+    assert len(added) == 3 and all(dpo_handoff.MARK.encode() in line for line in added)
+    assert b"        output_dir=dpo_train_args['save_dir']," in new_lines
+    assert dpo_handoff.uninstall(repo) == 0 and training.read_bytes() == original
+
+
+class Killed(BaseException):
+    """Stands for a kill: nothing after it runs (the transaction has no cleanup on the way out)."""
+
+
+def killer(kill_at):
+    """Wraps os.replace/os.unlink so that the kill_at-th call of either raises Killed instead of running."""
+    count = [0]
+
+    def wrap(real):
+        def call(*args, **kwargs):
+            count[0] += 1
+            if count[0] == kill_at:
+                raise Killed
+            return real(*args, **kwargs)
+        return call
+    return wrap
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.sampled_from(["install", "update", "uninstall"]), st.integers(0, 14)),
+                      min_size=1, max_size=6))
+def test_any_sequence_of_install_update_uninstall_and_kills_ends_original_or_fully_installed(
+        steps, tmp_path_factory, monkeypatch):
+    """Property: after each command that was not killed, the tree is byte-identical to the original or to a clean
+    install of the version last installed (the record aside, whose history differs); a killed command (kill at its
+    k-th write, k > 0) is followed by the next command of the sequence."""
+    folder = tmp_path_factory.mktemp("property")
+    newer = newer_checkout(folder)
+    repo = make_repo(folder)
+    original = snapshot(repo)
+    clean = {}
+    for version, source in (("install", REPO), ("update", newer)):
+        reference = make_repo(folder / version)
+        dpo_handoff.install(reference, source=source)
+        clean[version] = {k: v for k, v in snapshot(reference).items() if k != RECORD}
+    for command, kill_at in steps:
+        killing = killer(kill_at)
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", killing(os.replace))
+            m.setattr(os, "unlink", killing(os.unlink))
+            try:
+                if command == "uninstall":
+                    dpo_handoff.uninstall(repo)
+                else:
+                    dpo_handoff.install(repo, source=REPO if command == "install" else newer)
+            except Killed:
+                continue
+        tree = snapshot(repo)
+        if command == "uninstall":
+            assert tree == original
+        else:
+            assert json.loads(tree.pop(RECORD))["state"] == "installed"
+            assert tree == clean[command]
+
+
+def test_the_double_has_every_line_install_edits(dpo_repo):
+    assert dpo_handoff.repo_state(dpo_repo) == "upstream"
+
+
+def test_install_copies_what_the_installed_modules_import():
+    """Every module of ours that the copied files import at the top is copied too (no ImportError over there), and
+    the edited lines import only copied modules."""
+    import ast
+
+    ours = {path.stem for path in REPO.glob("*.py")}
+    copied = {n.removesuffix(".py") for n in dpo_handoff.COPIED}
+    for name in dpo_handoff.COPIED:
+        tree = ast.parse((REPO / name).read_text())
+        imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)} | {
+            alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        assert imported & ours <= copied, name
+    for edit in dpo_handoff.EDITS:
+        for line in edit.new:
+            if line.startswith("from "):
+                assert line.split()[1] in copied
+
+
+# --- check -------------------------------------------------------------------------------------------------------
+def verdict(scored, diff, state="installed"):
+    expected = np.array([[5, 7], [3, 4]])
+    result = {"repo": "r", "state": state, "model": "m", "data": "d", "max_len": 512, "rows_read": 2,
+              "rows": np.array([10, 11]), "expected_tokens": expected, "scored_tokens": np.array(scored),
+              "dropped_by_repo_builder": 0, "dropped_by_sft_builder": 0}
+    return dpo_handoff._verdict(result, np.array(diff, dtype=float), Path("r"))
+
+
+def test_check_fails_when_every_token_is_scored_but_a_pair_is_off(capsys):
+    scored = [[5, 7, 5, 7], [3, 4, 3, 4]]
+    assert verdict(scored, [[0, 0, 0, 0], [0, 0, 0, 0]]) == 0
+    assert verdict(scored, [[0, 0, 0, 0], [0, 2e-3, 0, 0]]) == 1
+    assert "1 pairs differ from the SFT log-probs by up to 0.002 (rows 11)" in capsys.readouterr().err
+
+
+def test_check_counts_the_references_unscored_tokens_too(capsys):
+    """A loss whose policy scores every reply token and whose reference scores none fails and says so."""
+    assert verdict([[5, 7, 0, 0], [3, 4, 3, 4]], np.zeros((2, 4))) == 1
+    out, err = capsys.readouterr()
+    assert [line.split()[-6:] for line in out.splitlines() if "reply tokens scored (reference)" in line] == [
+        ["3", "of", "8", "4", "of", "11"]]
+    assert "scores 26 of 38 reply tokens" in err and "1 of 2 pairs miss reply tokens (rows 10 of --data" in err
 
 
 @pytest.mark.cli
-def test_check_refuses_our_own_stack_before_loading_anything(dpo_repo, tmp_path):
-    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(tmp_path))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: check runs in the DPO repo's environment (its uv.lock pins trl 0.26.2)")
+@pytest.mark.parametrize("damage", ["no_max_len", "no_tokenizer", "report_folder"])
+def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tmp_path, base_model_dir, damage):
+    model, report = base_model_dir, tmp_path / "report.json"
+    if damage == "no_max_len":
+        config = dpo_repo / "config_dpo.yaml"
+        config.write_text(config.read_text().replace("max_len: 512", "max_length: 512"))
+        expected = "has no integer dataset.max_len"
+    elif damage == "no_tokenizer":
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_bytes((base_model_dir / "config.json").read_bytes())
+        expected = "no tokenizer files"
+    else:
+        report = tmp_path / "missing" / "report.json"
+        expected = "its folder does not exist or is not writable"
+    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), "--report", str(report))
+    assert_refused(result, expected)
+
+
+@pytest.mark.slow
+def test_check_refuses_a_model_whose_vocabulary_is_smaller_than_its_tokenizer(dpo_repo, tmp_path, base_model_dir,
+                                                                               dpo_stack):
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in base_model_dir.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), env=stack_env(dpo_stack))
+    assert_refused(result, "the model's vocabulary (1,000) is smaller than its tokenizer's (128,2")
+
+
+@pytest.mark.cli
+def test_check_refuses_our_own_stack_before_loading_anything(dpo_repo, base_model_dir):
+    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(base_model_dir))
+    assert_refused(result, "check runs in the DPO repo's environment (its uv.lock pins trl 0.26.2)")
 
 
 def run_check(dpo_repo, model, report, stack):
@@ -110,15 +443,16 @@ def test_check_fails_on_reply_only_scoring_then_passes_after_install(sft_run, dp
     before = run_check(dpo_repo, model, tmp_path / "before.json", dpo_stack)
     assert before.returncode == 1, before.stderr[-3000:]
     seen = json.loads((tmp_path / "before.json").read_text())
-    scored, expected = seen["scored_tokens"], seen["expected_tokens"]
+    scored, expected = np.array(seen["scored_tokens"]), np.array(seen["expected_tokens"])
     assert seen["state"] == "upstream" and len(seen["rows"]) >= 10
-    assert sum(map(sum, scored)) < sum(map(sum, expected))
-    unscored = [row for row, tokens in zip(seen["rows"], scored) if not any(tokens)]
-    assert unscored  # replies shorter than their prompts score nothing
+    assert scored.sum() < 2 * expected.sum()
+    missing = [row for row, tokens, want in zip(seen["rows"], scored, expected) if (tokens < np.tile(want, 2)).any()]
+    assert missing and any(not tokens.any() for tokens in scored)  # replies shorter than their prompts score none
     failure = before.stderr.strip().splitlines()[-1]
     assert failure.startswith("check failed: the training loss scores")
-    assert f"{len(unscored)} of {len(seen['rows'])} pairs score none (HH rows {unscored[0]}," in failure
+    assert f"{len(missing)} of {len(seen['rows'])} pairs miss reply tokens (rows {missing[0]}," in failure
     assert f"fix: python dpo_handoff.py install --dpo-repo {dpo_repo}" in failure
+    assert "minutes on a CPU" in before.stdout
 
     assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
     after = run_check(dpo_repo, model, tmp_path / "after.json", dpo_stack)
@@ -129,6 +463,28 @@ def test_check_fails_on_reply_only_scoring_then_passes_after_install(sft_run, dp
     for got, want in zip(seen["loss_logps"], seen["expected_logps"]):  # TRL's concatenated_forward vs readiness
         assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-3
     assert "ok: the training loss scores every reply token of" in after.stdout
+
+
+@pytest.mark.slow
+def test_the_installed_loss_trains_and_logs_like_trls_dpo_trainer(sft_run, dpo_stack, dpo_repo):
+    """The oracle: the installed RiskBetaDPOTrainer (beta held, as in upstream's warm-up) and TRL 0.26.2's stock
+    DPOTrainer, same rows, seed and batch order: per-step loss, grad norm and TRL's metrics agree."""
+    assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
+    (dpo_repo / "dpo_oracle_check.py").write_bytes((REPO / "tests" / "dpo_oracle_check.py").read_bytes())
+    out = dpo_repo / "oracle.json"
+    result = subprocess.run([sys.executable, "dpo_oracle_check.py", str(sft_run[1]), str(REAL_HH), str(out)],
+                            env=stack_env(dpo_stack), capture_output=True, text=True, timeout=600, cwd=dpo_repo)
+    assert result.returncode == 0, result.stderr[-4000:]
+    seen = json.loads(out.read_text())
+    installed, stock = seen["installed"], seen["stock"]
+    assert len(installed) == len(stock) == 4
+    names = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
+    for step, (ours, theirs) in enumerate(zip(installed, stock)):
+        assert set(names) <= set(ours) and set(names) <= set(theirs), step
+        for name in names:
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-5), (step, name)
+    assert installed[-1]["loss"] != installed[0]["loss"]  # it trained
 
 
 def test_build_dpo_dataset_drops_pairs_over_max_length_and_keeps_the_row_index(llama32_tokenizer, hh_rows):
@@ -147,19 +503,3 @@ def test_build_dpo_dataset_drops_pairs_over_max_length_and_keeps_the_row_index(l
     with pytest.raises(ValueError, match="max_length needs the tokenizer"):
         build_dpo_dataset(raw, max_length=limit)
 
-
-def test_install_copies_what_the_installed_modules_import():
-    """Every module of ours that the copied files import at the top is copied too (no ImportError over there)."""
-    import ast
-
-    ours = {path.stem for path in REPO.glob("*.py")}
-    for name in dpo_handoff.COPIED:
-        tree = ast.parse((REPO / name).read_text())
-        imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)} | {
-            alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-        assert imported & ours <= {n.removesuffix(".py") for n in dpo_handoff.COPIED}, name
-
-
-def test_the_double_has_every_line_install_edits(dpo_repo):
-    files, state = dpo_handoff.read_repo(dpo_repo)
-    assert state == "upstream" and set(files) == {"training.py", "risk_dpo_trainer.py"}
