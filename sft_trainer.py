@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from data_process_sft import read_columns
+from data_process_sft import CompletionOnlyCollator, read_columns
 from run_env import FINGERPRINT_FILE
 from sft_config import Config
 
@@ -53,6 +53,7 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1) -> SFTConfig:
         lr_scheduler_type=t.lr_scheduler_type,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        logging_nan_inf_filter=False,  # SFTRunTrainer stops on a non-finite loss; the filter's check syncs each step
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
         packing=t.packing,  # TRL: padding-free BFD batches (position_ids, no attention_mask)
         remove_unused_columns=False,  # keep `length` for our sampler; our columns are exactly what is needed
@@ -157,6 +158,8 @@ class SFTRunTrainer(SFTTrainer):
     - a NaN/inf loss stops the run with `NonFiniteLoss` naming the step.
     - a resumed run uses the configured learning rate from the resumed step on (a checkpoint's scheduler state
       would bring back the old one), so "lower learning_rate and run the same command" works after a NaN.
+    - the training loss (`_training_loss`) is TRL's, at fewer host syncs and without the attention mask for our
+      right-padded batches.
     """
 
     stopped_by: str | None = None
@@ -164,6 +167,16 @@ class SFTRunTrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._eval_hits, self._eval_tokens = 0.0, 0
+        self._step_metrics: list[torch.Tensor] = []
+        # The plain NLL loss (no custom loss, label smoothing, MoE aux loss or Ulysses sequence parallelism) goes
+        # through _training_loss; anything else through TRL's compute_loss unchanged.
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        self.fast_training_loss = (self.compute_loss_func is None and self.label_smoother is None
+                                   and self.args.loss_type == "nll" and not self.aux_loss_enabled
+                                   and not (parallelism is not None and parallelism.sp_enabled))
+        # Our collator pads on the right (and packing sends no mask): for those batches the mask changes no real
+        # token's logits (causal attention never looks right), and without it SDPA can take its causal kernel.
+        self.right_padded = isinstance(self.data_collator, CompletionOnlyCollator)
         self.add_callback(SaveAndStopOnSignal(self))
         self.add_callback(LogEverySavedStep())  # last: sees the save/stop decisions of those before it
 
@@ -209,6 +222,8 @@ class SFTRunTrainer(SFTTrainer):
                                          self.args.per_device_train_batch_size, seed=seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model.training and self.fast_training_loss and not return_outputs:
+            return self._training_loss(model, inputs, num_items_in_batch)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self.model.training:
             labels = inputs["labels"]
@@ -217,7 +232,45 @@ class SFTRunTrainer(SFTTrainer):
             self._eval_tokens += n
         return result
 
+    def _training_loss(self, model, inputs, num_items_in_batch):
+        """TRL's SFT training loss (SFTTrainer.compute_loss: its fused LM head, summed log-probs of the trained
+        tokens over their count) and its per-step metrics (entropy, token accuracy, tokens seen). Ours because TRL
+        reads each metric with .item() every step: three host syncs that stall a GPU step; here they stay on the
+        device until the next logging step (_log_step_metrics), with the same values."""
+        model_inputs = {k: v for k, v in inputs.items() if not (k == "attention_mask" and self.right_padded)}
+        outputs = model(**model_inputs, use_cache=False, fused_lm_head=True)
+        trained = outputs.label_mask.sum()
+        count = trained if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if "attention_mask" in inputs:
+            seen = inputs["attention_mask"].sum()
+        else:  # padding-free (packing): one row of real tokens, as TRL counts it
+            seen = torch.tensor(inputs["position_ids"].size(1), device=trained.device)
+        self._step_metrics.append(torch.stack([trained.double(), outputs.entropy.detach().sum().double(),
+                                               outputs.is_top1.sum().double(), seen.double()]))
+        return loss
+
+    def _log_step_metrics(self) -> None:
+        """Move the training steps' metrics into TRL's lists, as TRL would have appended them step by step: one
+        gather across processes and one host sync per logging step."""
+        if not self._step_metrics:
+            return
+        steps = len(self._step_metrics)
+        gathered = self.accelerator.gather(torch.stack(self._step_metrics))
+        per_step = gathered.view(-1, steps, 4).sum(0).tolist()
+        self._step_metrics = []
+        metrics = self._metrics["train"]
+        for trained, entropy, correct, seen in per_step:
+            metrics["entropy"].append(entropy / trained if trained > 0 else 0.0)
+            metrics["mean_token_accuracy"].append(correct / trained if trained > 0 else 0.0)
+            self._total_train_tokens += int(seen) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
     def log(self, logs, start_time=None):
+        if self.model.training:
+            self._log_step_metrics()
         if "eval_loss" in logs and self._eval_tokens:
             logs["eval_accuracy"] = self._eval_hits / self._eval_tokens
             self._eval_hits, self._eval_tokens = 0.0, 0

@@ -10,12 +10,21 @@ SFTTrainer setup train_sft.py builds (but `limit`). Only the batching differs:
   baseline  random batches padded to the longest (the plan's and the DPO repo's setup), same masks
   ours      the default path: length-grouped batches (sft_trainer.ConversationLengthSampler)
   packing   `packing: true`: TRL's best-fit-decreasing packing, padding-free
+  ours+liger, ours+pad64, ours+compile   ours with use_liger_kernel, with batches padded to a multiple of 64
+            (fewer distinct shapes), with torch_compile: levers to measure on a GPU
   lora      ours with `lora: {}` (r 16 on every projection; base weights in the run precision, as train_sft.py
             loads them for LoRA): step time and peak memory beside full fine-tuning
-  limit     no Trainer: a hand-written loop (forward, backward, clip, AdamW; fused where the device has it) on the
-            same model, precision and conversations, each step one padding-free row of the same `batch_size`
-            conversations (position_ids restart per conversation, so none attends to another): the speed of
-            the math. `ours_vs_limit` in the JSON is ours / limit.
+  limit     no Trainer: a hand-written loop (forward through TRL's fused LM head, backward, clip, fused AdamW)
+            on the same batches ours trains on (same sampler order, the same padded tensors and labels from the
+            same collator, the same precision policy): what our batching costs with no framework around it.
+            `ours_vs_limit` in the JSON is ours / limit.
+  math      the same loop on the same tokens as fixed-shape causal rows of max_length with no mask (each
+            conversation sees the ones before it in its row): the fastest kernel path, an upper bound, not a
+            correct training setup; how far the batching itself is from the hardware.
+Per mode, torch.profiler over a few steady steps (excluded from the timing) counts operator calls per step
+(`aten::` ops dispatched), host-device syncs per step (`aten::_local_scalar_dense`, each `.item()` and bool of a
+tensor), and the distinct input shapes of the whole pass: exact counts, stable on a noisy machine, and what a
+launch-bound GPU step pays for. On a CPU fused AdamW itself syncs once per parameter: compare with `limit`.
 Each mode runs in its own process (clean peak memory). The last line printed is one JSON object.
 """
 
@@ -55,7 +64,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, help="conversations per mode (default 160 quick, 2048 else)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--modes", default="baseline,ours,packing,limit")
+    parser.add_argument("--modes", default="baseline,ours,packing,limit,math")
+    parser.add_argument("--profile-out", type=Path,
+                        help="write each mode's profile table (top ops by CPU and CUDA time) to DIR/profile_MODE.txt")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -70,6 +81,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", mode, "--model-shape", args.model_shape,
                    "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                    "--conversations", str(conversations)]
+            if args.profile_out:
+                args.profile_out.mkdir(parents=True, exist_ok=True)
+                cmd += ["--profile-out", str(args.profile_out)]
             env = {**os.environ, "BENCH_DATA": str(data_dir), "BENCH_TOKENIZER": str(tokenizer_dir)}
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode != 0:
@@ -155,15 +169,22 @@ def run_mode(mode: str, args) -> dict:
         model.to(torch.bfloat16)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    if mode == "limit":
-        durations, real, computed = hand_loop(model, data, args.batch_size, gpu)
+    profiler = StepProfiler(gpu)
+    if mode in ("limit", "math"):
+        steps = same_batches(tokenizer, data, args) if mode == "limit" else fixed_rows(tokenizer, data, args)
+        durations, real, computed, shapes = hand_loop(model, steps, gpu, profiler)
         pack_s, batch_size = 0.0, args.batch_size
     else:
-        durations, real, computed, pack_s, batch_size = trainer_loop(mode, model, tokenizer, data, args, gpu)
-    return measure(durations, real, computed, pack_s, batch_size, model, shape, real_tokens_total / len(data), gpu)
+        durations, real, computed, shapes, pack_s, batch_size = trainer_loop(mode, model, tokenizer, data, args, gpu,
+                                                                              profiler)
+    if args.profile_out:
+        profiler.write_report(args.profile_out / f"profile_{mode.replace('+', '_')}.txt", mode)
+    return {**measure(durations, real, computed, pack_s, batch_size, model, shape, real_tokens_total / len(data), gpu,
+                      skip=profiler.profiled),
+            **profiler.counts(), "shapes": len(shapes)}
 
 
-def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool):
+def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool, profiler):
     """One pass through the SFTTrainer setup train_sft.py builds, batched as `mode` says."""
     from data_process_sft import CompletionOnlyCollator
     from sft_config import Config, DatasetConfig, LoraSettings, SFTTrainingConfig
@@ -182,6 +203,7 @@ def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool):
             batch_size=batch_size, max_length=args.max_length, epochs=1, warmup_steps=0, packing=packing,
             wandb_project=None, save_dir=str(Path(os.environ["BENCH_DATA"]).parent / f"out-{mode}"),
             log_steps=10_000, eval_steps=10_000, save_steps=10_000, use_liger_kernel=mode.endswith("+liger"),
+            torch_compile=mode.endswith("+compile"),
             gradient_checkpointing=False, readiness_pairs=0, lora=LoraSettings() if mode == "lora" else None))
     sft_config = build_sft_config(cfg)
     sft_config.eval_strategy = sft_config.save_strategy = "no"
@@ -190,62 +212,166 @@ def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool):
         train_data = train_data.remove_columns("length")
     counter, timer = TokenCounter(), StepTimer()
     trainer = SFTRunTrainer(model=model, args=sft_config, train_dataset=train_data, processing_class=tokenizer,
-                            data_collator=None if packing else CompletionOnlyCollator(tokenizer), callbacks=[timer],
-                            peft_config=build_peft_config(cfg.sft_training.lora))
+                            data_collator=None if packing else CompletionOnlyCollator(
+                                tokenizer, pad_to_multiple_of=64 if mode.endswith("+pad64") else None),
+                            callbacks=[timer, profiler], peft_config=build_peft_config(cfg.sft_training.lora))
     trainer.data_collator = counter.wrap(trainer.data_collator)
     trainer.train()
-    return timer.durations, counter.real, counter.computed, pack_s, batch_size
+    return timer.durations, counter.real, counter.computed, counter.shapes, pack_s, batch_size
 
 
-def hand_loop(model, data, batch_size: int, gpu: bool):
-    """The speed of the math: forward, backward, clip, AdamW on padding-free rows, no Trainer, no metrics."""
+def same_batches(tokenizer, data, args) -> list[dict]:
+    """The batches ours trains on: our sampler's order (seed as train_sft.py sets it), our collator's padded
+    tensors and labels."""
+    from data_process_sft import CompletionOnlyCollator
+    from sft_config import SFTTrainingConfig
+    from sft_trainer import ConversationLengthSampler, batches_ready
+
+    rows = batches_ready(data, False, args.max_length)
+    order = list(ConversationLengthSampler(rows["length"], args.batch_size, seed=SFTTrainingConfig().seed))
+    collate = CompletionOnlyCollator(tokenizer)
+    return [collate([rows[i] for i in order[begin: begin + args.batch_size]])
+            for begin in range(0, len(order), args.batch_size)]
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model is given: for our right-padded batches, no attention mask (as SFTRunTrainer does)."""
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
+def fixed_rows(tokenizer, data, args) -> list[dict]:
+    """The same tokens and labels as one stream, cut into fixed-shape rows of max_length, as many rows per step as
+    ours' batches hold real tokens on average; no mask, no position_ids: the plain causal kernel."""
     import torch
 
-    from sft_trainer import ConversationLengthSampler
+    ids = torch.tensor([t for row in data["input_ids"] for t in row])
+    labels = torch.tensor([t for row in data["labels"] for t in row])
+    rows_per_step = max(1, round(len(ids) / len(data) * args.batch_size / args.max_length))
+    per_step = rows_per_step * args.max_length
+    return [{"input_ids": ids[b: b + per_step].view(rows_per_step, -1),
+             "labels": labels[b: b + per_step].view(rows_per_step, -1)}
+            for b in range(0, len(ids) - per_step + 1, per_step)]
+
+
+def hand_loop(model, steps: list[dict], gpu: bool, profiler):
+    """Forward through TRL's fused LM head patched as SFTTrainer patches it (per-token log-probs, entropy and top-1
+    flags of the trained positions: one Triton kernel on a GPU; on a CPU its fallback pays for each output),
+    backward, clip, fused AdamW; no Trainer, no metrics read; batches made before timing (as a loop prefetches)."""
+    import torch
+    from trl.trainer.utils import add_fused_lm_head
 
     device = "cuda" if gpu else "cpu"
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     model.to(device).train()
-    order = list(ConversationLengthSampler(data["length"], batch_size, seed=42))
-    rows = data.select_columns(["input_ids", "labels"])
-    steps = []
-    for begin in range(0, len(order), batch_size):  # built before timing: a real loop prefetches them
-        batch = rows.select(order[begin: begin + batch_size])
-        ids, labels = batch["input_ids"], batch["labels"]
-        steps.append([torch.tensor([sum(ids, [])]), torch.tensor([sum(labels, [])]),
-                      torch.cat([torch.arange(len(r)) for r in ids])[None]])
-    try:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, fused=True)
-    except (RuntimeError, TypeError):  # no fused kernel for this device
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, foreach=True)
-    durations, real = [], []
-    for input_ids, labels, position_ids in steps:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, fused=True)
+    durations, real, computed = [], [], []
+    for step, batch in enumerate(steps, start=1):
         start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
-            loss = model(input_ids=input_ids.to(device), labels=labels.to(device),
-                         position_ids=position_ids.to(device)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if gpu:
-            torch.cuda.synchronize()
+        with profiler.step(step), torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
+            inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
+            outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+            loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if gpu:
+                torch.cuda.synchronize()
         durations.append(time.perf_counter() - start)
-        real.append(input_ids.numel())
-    return durations, real, real
+        mask = batch.get("attention_mask")
+        real.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        computed.append(batch["input_ids"].numel())
+    return durations, real, computed, {tuple(batch["input_ids"].shape) for batch in steps}
 
 
-def measure(durations, real, computed, pack_s, batch_size, model, shape, mean_len, gpu) -> dict:
-    """Steady state: every step but the first (allocation, autotuning)."""
+class StepProfiler(TrainerCallback):
+    """torch.profiler over optimizer steps FIRST..FIRST+COUNT-1 (steady state: after allocation and the first
+    logging step), for a Trainer (as a callback) or a hand loop (`with profiler.step(n)`); those steps are left
+    out of the timing."""
+
+    FIRST, COUNT = 3, 3
+
+    def __init__(self, gpu: bool):
+        self.gpu, self.profiled, self._profile, self.done, self.wall_s = gpu, set(), None, None, 0.0
+
+    def _start(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.gpu else [])
+        self._profile = profile(activities=activities)
+        self._profile.__enter__()
+        self.wall_s = time.perf_counter()
+
+    def _stop(self):
+        if self.gpu:
+            import torch
+
+            torch.cuda.synchronize()
+        self.wall_s = time.perf_counter() - self.wall_s
+        self._profile.__exit__(None, None, None)
+        self.done, self._profile = self._profile, None
+
+    def _around(self, step: int, starting: bool):
+        if starting and step == self.FIRST:
+            self._start()
+        if self._profile is not None and starting:
+            self.profiled.add(step)
+        if not starting and step == self.FIRST + self.COUNT - 1 and self._profile is not None:
+            self._stop()
+
+    def on_step_begin(self, args, state, control, **kwargs):  # called before step state.global_step + 1
+        self._around(state.global_step + 1, starting=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._around(state.global_step, starting=False)
+
+    def step(self, step: int):
+        import contextlib
+
+        profiler = self
+
+        @contextlib.contextmanager
+        def around():
+            profiler._around(step, starting=True)
+            yield
+            profiler._around(step, starting=False)
+        return around()
+
+    def counts(self) -> dict:
+        steps = len(self.profiled) or 1
+        names = [e.name for e in self.done.events()] if self.done else []
+        ops = sum(name.startswith("aten::") for name in names)
+        syncs = sum(name == "aten::_local_scalar_dense" for name in names)
+        result = {"ops_per_step": round(ops / steps, 1), "syncs_per_step": round(syncs / steps, 1)}
+        if self.gpu and self.done:  # kernel time over wall time of the profiled steps
+            busy = sum(e.self_device_time_total for e in self.done.key_averages()) / 1e6
+            result["gpu_busy_share"] = round(busy / self.wall_s, 3)
+        return result
+
+    def write_report(self, path: Path, mode: str) -> None:
+        """The profiled steps' top operators by self CPU time (and by self CUDA time on a GPU)."""
+        if not self.done:
+            return
+        averages = self.done.key_averages()
+        text = [f"{mode}: {len(self.profiled)} profiled steps, {self.wall_s:.3f} s wall, {self.counts()}"]
+        for key in ("self_cpu_time_total", "self_device_time_total") if self.gpu else ("self_cpu_time_total",):
+            text.append(averages.table(sort_by=key, row_limit=25))
+        path.write_text("\n".join(text), encoding="utf-8")
+
+
+def measure(durations, real, computed, pack_s, batch_size, model, shape, mean_len, gpu, skip=()) -> dict:
+    """Steady state: every step but the first (allocation, autotuning) and the profiled ones (`skip`, 1-based)."""
     import torch
 
     steps = len(durations)
-    measured_time = sum(durations[1:])
+    timed = [i for i in range(1, steps) if i + 1 not in skip]
+    measured_time = sum(durations[i] for i in timed)
     result = {
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "steps": steps, "batch_size": batch_size,
-        "real_tokens_per_s": sum(real[1:steps]) / measured_time,
+        "real_tokens_per_s": sum(real[i] for i in timed) / measured_time,
         "padding_efficiency": sum(real) / sum(computed),
-        "step_time_s": measured_time / max(steps - 1, 1),
+        "step_time_s": measured_time / max(len(timed), 1),
         "peak_memory_gb": (torch.cuda.max_memory_allocated() if gpu else
                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "pack_s": pack_s,
@@ -263,7 +389,7 @@ class TokenCounter:
     """Counts real vs computed (padded) tokens of every batch the trainer gets."""
 
     def __init__(self):
-        self.real, self.computed = [], []
+        self.real, self.computed, self.shapes = [], [], set()
 
     def wrap(self, collate):
         def counted(examples):
@@ -273,6 +399,7 @@ class TokenCounter:
             else:  # padding-free: one flattened row of real tokens
                 self.real.append(sum(len(e["input_ids"]) for e in examples))
             self.computed.append(batch["input_ids"].numel())
+            self.shapes.add(tuple(batch["input_ids"].shape))
             return batch
         return counted
 
@@ -301,14 +428,22 @@ def print_table(results: dict, args, conversations: int) -> None:
     print(f"\nThroughput on {device}, model shape {args.model_shape}, {conversations} HH conversations, "
           f"max_length {args.max_length}, batch {args.batch_size} conversations (packing: rows of equal tokens)")
     header = f"{'mode':<14}{'real tok/s':>12}{'speedup':>9}{'pad eff':>9}{'step s':>9}{'steps':>7}" \
-             f"{'peak GB':>9}{'prep s':>8}{'MFU':>7}"
+             f"{'peak GB':>9}{'prep s':>8}{'MFU':>7}{'ops/step':>10}{'syncs/step':>11}{'shapes':>8}"
     print(header + "\n" + "-" * len(header))
     base = results.get("baseline", {}).get("real_tokens_per_s")
     for mode, r in results.items():
         speedup = f"{r['real_tokens_per_s'] / base:.2f}x" if base else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         print(f"{mode:<14}{r['real_tokens_per_s']:>12.0f}{speedup:>9}{r['padding_efficiency']:>9.1%}"
-              f"{r['step_time_s']:>9.3f}{r['steps']:>7}{r['peak_memory_gb']:>9.2f}{r['preprocess_s']:>8.2f}{mfu:>7}")
+              f"{r['step_time_s']:>9.3f}{r['steps']:>7}{r['peak_memory_gb']:>9.2f}{r['preprocess_s']:>8.2f}{mfu:>7}"
+              f"{r['ops_per_step']:>10.0f}{r['syncs_per_step']:>11.1f}{r['shapes']:>8}")
+    ours, limit = results.get("ours"), results.get("limit")
+    if ours and limit:
+        ratio = ours["real_tokens_per_s"] / limit["real_tokens_per_s"]
+        busy = f", GPU busy {ours['gpu_busy_share']:.0%} of ours' step" if "gpu_busy_share" in ours else ""
+        print(f"ours vs limit (same batches, no framework): {ratio:.2f}x tok/s{busy}, "
+              f"{ours['ops_per_step'] / limit['ops_per_step']:.2f}x ops/step, "
+              f"{ours['syncs_per_step'] - limit['syncs_per_step']:+.1f} syncs/step")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,38 @@ def test_lora_trains_only_the_adapter_and_saves_base_plus_adapter_merged(tiny, t
     base = PeftModel.from_pretrained(make_trainer(tiny, tmp_path / "base").model, save_dir / "adapter")
     with torch.no_grad():  # the kept adapter on a fresh base gives the same function
         assert (base.model.eval()(ids).logits - adapted).abs().max().item() <= 1e-5
+
+
+def test_the_fast_training_loss_trains_exactly_what_trls_loss_trained(tiny, tmp_path):
+    """Speed must not change what is trained: 20 steps of the default path (no attention mask for right-padded
+    batches, TRL's metrics kept on the device until a logging step) against TRL's compute_loss with the mask, same
+    seed and data: the same loss (1e-4 relative), grad norm, and the same logged entropy, accuracy and token count."""
+    logged = {}
+    for fast in (False, True):
+        (tmp_path / str(fast)).mkdir()
+        trainer = make_trainer(tiny, tmp_path / str(fast), steps=20, batch_size=2)
+        trainer.fast_training_loss = fast
+        trainer.train()
+        logged[fast] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged[True]) == len(logged[False]) == 20
+    for step, (new, old) in enumerate(zip(logged[True], logged[False]), start=1):
+        for name in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert new[name] == pytest.approx(old[name], rel=1e-4), (step, name)
+
+
+def test_the_fast_training_loss_syncs_the_host_only_at_logging_steps(tiny, tmp_path):
+    """TRL reads three metrics with .item() at every step; ours reads them once per logging step. Counted as torch
+    dispatches the host syncs (aten::_local_scalar_dense), over 6 steps that log at the first and the last."""
+    from torch.profiler import profile
+
+    syncs = {}
+    for fast, mask in ((False, True), (True, True), (True, False)):
+        (tmp_path / f"{fast}{mask}").mkdir()
+        trainer = make_trainer(tiny, tmp_path / f"{fast}{mask}", steps=6, batch_size=2, log_steps=100)
+        trainer.fast_training_loss, trainer.right_padded = fast, not mask
+        with profile() as prof:
+            trainer.train()
+        syncs[fast, mask] = sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+    # TRL reads at least three per step (each `.item()`, and `num_valid > 0` twice); ours one per logging step
+    assert syncs[False, True] - syncs[True, True] >= 3 * 6 - 2
+    assert syncs[True, False] < syncs[True, True]  # and the masked forward's own checks
