@@ -40,7 +40,8 @@ MARK = "# hh-sft handoff"
 # Our modules that the edited training.py and risk_dpo_trainer.py need there: hh_sft_dpo and what it imports.
 # data_process_sft.py replaces the repo's file of that name; its train_sft.py, the only importer of the old one,
 # becomes a pointer to ours.
-COPIED = ("hh_sft_dpo.py", "data_process_sft.py", "sft_config.py", "run_env.py", "model_io.py")
+COPIED = ("hh_sft_dpo.py", "data_process_sft.py", "sft_config.py", "run_env.py", "model_io.py",
+          "save_dir_contract.py")
 
 
 class HandoffError(Exception):

@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
+from save_dir_contract import MARK, SET_ASIDE, STAGING, publish, staging_dir
 from sft_config import ConfigError
 
-STAGING = ".final-model-tmp"
 ADAPTER = "adapter"  # save_dir/adapter: the LoRA adapter of a LoRA run (the weights beside it are merged)
 
 
@@ -47,18 +46,19 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_model(name: str, attn_implementation: str | None = None, frozen_precision: str | None = None):
+def load_model(name: str, attn_implementation: str | None = None, precision: str | None = None,
+               lora: bool = False):
     """Load the policy with fp32 master weights; bf16/fp16 run as autocast in the trainer.
 
     Pure-bf16 weights would make AdamW drop every update smaller than ~0.4% of a weight: at an SFT
     learning rate of 5e-6 that is most of them. Saved weights are cast to `precision` (see save_final_model).
-    With LoRA the base weights are frozen, so `frozen_precision` loads them in bf16/fp16 (half the memory);
-    the adapters peft adds stay fp32.
+    With LoRA the base weights are frozen, so they load in `precision` (half the memory in bf16/fp16); the
+    adapters peft adds stay fp32.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = half_dtype(frozen_precision) or torch.float32
+    dtype = (half_dtype(precision) if lora else None) or torch.float32
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
     model.config.use_cache = False  # no KV cache while training; turned back on in the saved config
     return model
@@ -111,10 +111,8 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     saved to save_dir/adapter, then merged: the weights beside it are an ordinary model, no peft needed."""
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    staging = os.path.join(save_dir, STAGING)
     main_process = trainer.is_world_process_zero()
-    if main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_dir(save_dir, clear=main_process)
     if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter, hand DPO an ordinary model (merged weights)
         if main_process:
             model.save_pretrained(os.path.join(staging, ADAPTER))
@@ -133,11 +131,7 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
         if dtype is not None and sharded:  # gathered in fp32: cast the files, so every launcher gives one folder
             cast_saved_weights(staging, dtype)
         write_portable_files(staging)
-        for name in sorted(os.listdir(staging), key=lambda n: n == "model.safetensors"):  # weights last
-            if os.path.isdir(os.path.join(save_dir, name)):  # the adapter of a cut earlier save
-                shutil.rmtree(os.path.join(save_dir, name))
-            os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
-        shutil.rmtree(staging)
+        publish(save_dir)
     trainer.save_state()  # trainer_state.json: every logged number
 
 
@@ -177,7 +171,8 @@ def push_final_model(save_dir: str, hub_model_id: str) -> None:
     api = HfApi()
     api.create_repo(hub_model_id, exist_ok=True)
     api.upload_folder(repo_id=hub_model_id, folder_path=save_dir, commit_message="SFT reference model for DPO",
-                      ignore_patterns=["checkpoint-*", f"{STAGING}/*", "wandb_run_id", "training_args.bin", ".lock"])
+                      ignore_patterns=["checkpoint-*", f"{STAGING}/*", "wandb_run_id", "training_args.bin", ".lock",
+                                       MARK, f"{SET_ASIDE}*"])
 
 
 def build_random_llama(out_dir: str, tokenizer, **shape) -> str:

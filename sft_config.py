@@ -143,6 +143,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged by SafeLoader, local keys win
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(f"duplicate key '{key}' (line {key_node.start_mark.line + 1})")
@@ -232,7 +234,13 @@ def _one_line(error: dict) -> str:
         return f"{where}: must be {words} {error['ctx'][ctx_key]}, got {value}"
     if kind == "finite_number":
         return f"{where}: must be finite, got {value}"
-    expected = next(name for prefix, name in _KINDS.items() if kind.startswith(prefix))
+    if kind in ("too_short", "too_long"):
+        words = "at least" if kind == "too_short" else "at most"
+        limit = error.get("ctx", {}).get("min_length" if kind == "too_short" else "max_length")
+        return f"{where}: must have {words} {limit} item(s), got {value!r}"
+    expected = next((name for prefix, name in _KINDS.items() if kind.startswith(prefix)), None)
+    if expected is None:  # any other kind pydantic can raise: its own words, on one line
+        return f"{where}: {' '.join(str(error.get('msg', kind)).split())}, got {value!r}"
     return f"{where}: expected {expected}, got {value!r}"
 
 

@@ -1,4 +1,5 @@
-"""What was trained, at a glance: the files train_sft.py writes into save_dir at the end of a run.
+"""What a run says: the start summary, and what was trained, at a glance: the files train_sft.py writes into
+save_dir at the end of a run.
 
 metrics.json (the numbers W&B shows), samples.jsonl (greedy replies to held-out prompts), training_curves.png
 and the model card README.md that the Hub shows when the model is pushed.
@@ -8,11 +9,76 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
 from data_process_sft import read_columns
+from run_env import sharding_requested, size
+from save_dir_contract import write_whole
 from sft_config import Config
+
+
+def start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> str:
+    """What this run will do, before the first step: data, batch, schedule (what YAML and overrides set, as the
+    trainer took them), parallel and training mode, where it writes."""
+    t, args = cfg.sft_training, trainer.args
+    world = args.world_size
+    global_batch = t.batch_size * t.gradient_accumulation * world
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(math.ceil(n_train_rows / global_batch) * t.epochs)
+    rows = f" packed into {n_train_rows} rows of <= {t.max_length} tokens" if t.packing else ""
+    return (f"SFT of {cfg.policy_name} ({cfg.precision}) on {cfg.dataset.dataset_name} [{cfg.dataset.subset}]\n"
+            f"  data: {report.summary()}\n"
+            f"  train {len(split['train'])} / eval {len(split['test'])} conversations{rows}, "
+            f"max_length {t.max_length}, {'packing' if t.packing else 'length-grouped batches'}\n"
+            f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
+            f"gradient_accumulation {t.gradient_accumulation} x {world} process(es)\n"
+            f"  schedule: learning_rate {args.learning_rate:g} ({t.lr_scheduler_type}, warmup {args.warmup_steps} "
+            f"steps), "
+            f"epochs {t.epochs:g}, ~{steps} optimizer steps of {global_batch}\n"
+            f"  parallel: {parallel_mode(trainer)}\n"
+            f"  {training_mode(trainer, t.lora)}\n"
+            f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
+
+
+def training_mode(trainer, lora) -> str:
+    """Full fine-tuning, or LoRA with its trainable parameters and the memory it saves (weights, gradients and
+    AdamW state; full fine-tuning keeps ~16 bytes per parameter: fp32 weights, gradients and two moments)."""
+    params = list(trainer.model.parameters())
+    total = sum(p.numel() for p in params)
+    if lora is None:
+        return f"training: full fine-tuning of {total / 1e9:.3f}B parameters"
+    trainable = [p for p in params if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    lora_bytes = sum(p.numel() * p.element_size() for p in params if not p.requires_grad) + 16 * n_trainable
+    return (f"training: LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on "
+            f"{','.join(lora.target_modules)}: {n_trainable / 1e6:.2f}M trainable of {total / 1e9:.3f}B parameters "
+            f"({n_trainable / total:.2%}); weights, gradients and AdamW state ~{size(lora_bytes)} instead "
+            f"of ~{size(16 * total)} for full fine-tuning (activations not counted)")
+
+
+def parallel_mode(trainer) -> str:
+    """The parallel mode in effect (from the trainer, not the launcher), and a note when the accelerate config
+    asked for sharding that is not in effect (accelerate runs FSDP and DeepSpeed only on GPUs)."""
+    processes, state = trainer.args.world_size, trainer.accelerator.state
+    if trainer.is_fsdp_enabled:
+        mode = f"FSDP{state.fsdp_plugin.fsdp_version} (sharded)"
+    elif trainer.is_deepspeed_enabled:
+        mode = f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage} (sharded)"
+    else:
+        mode = "DDP" if processes > 1 else "single process"
+    asked = [name for name in sharding_requested() if name not in mode]
+    note = f"; the accelerate config asks for {asked[0]}, which accelerate runs only on GPUs: NOT sharded" \
+        if asked else ""
+    return f"{mode}, {processes} process(es){note}"
+
+
+def log_to_wandb(values: dict, step: int) -> None:
+    """Log to the W&B run of this process, if there is one (with `wandb_project: null` wandb need not be
+    installed: a GPU run without it once crashed here after training)."""
+    wandb = sys.modules.get("wandb")
+    if values and wandb is not None and wandb.run is not None:
+        wandb.run.log({**values, "train/global_step": step})
 
 
 def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime: float) -> dict:
@@ -45,10 +111,7 @@ def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runti
 
 def save_metrics(save_dir: str, metrics: dict) -> None:
     """Write metrics.json whole (a temporary file renamed into place): its presence says the run finished."""
-    path = os.path.join(save_dir, "metrics.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_whole(os.path.join(save_dir, "metrics.json"), metrics)
 
 
 def train_loss(history: list[dict]) -> float:

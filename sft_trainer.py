@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from data_process_sft import CompletionOnlyCollator, read_columns
-from run_env import FINGERPRINT_FILE
+from save_dir_contract import FINGERPRINT_FILE
 from sft_config import Config
 
 logger = logging.getLogger("train_sft")
@@ -200,18 +200,30 @@ class SFTRunTrainer(SFTTrainer):
         return loss
 
     def _load_optimizer_and_scheduler(self, checkpoint):
+        """The resumed schedule is this run's: the configured learning rate (a checkpoint's scheduler state would
+        bring the old one back) and the current schedule's value at the resumed step (a finished run continued for
+        more epochs would otherwise take its first step at the old schedule's end, often 0)."""
         super()._load_optimizer_and_scheduler(checkpoint)
         scheduler, new = self.lr_scheduler, self.args.learning_rate
-        if checkpoint is None or not hasattr(scheduler, "lr_lambdas") or scheduler.base_lrs == [new] * len(
-                scheduler.base_lrs):
+        if checkpoint is None or not hasattr(scheduler, "lr_lambdas"):
             return
         old = scheduler.base_lrs[0]
         scheduler.base_lrs = [new] * len(scheduler.base_lrs)
         for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
             group["initial_lr"], group["lr"] = new, new * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        logger.warning("Resuming with learning_rate %g (the checkpoint was trained with %g) from step %d",
-                       new, old, scheduler.last_epoch)
+        if old != new:
+            logger.warning("Resuming with learning_rate %g (the checkpoint was trained with %g) from step %d",
+                           new, old, scheduler.last_epoch)
+
+    def _issue_warnings_after_load(self, load_result):
+        """A checkpoint of a model with tied embeddings stores them once: the missing `lm_head.weight` transformers
+        warns about on every resume is expected (the weights are tied again), so only other keys are reported."""
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if tied and set(load_result.missing_keys) <= tied and not load_result.unexpected_keys:
+            self.model.tie_weights()
+            return
+        super()._issue_warnings_after_load(load_result)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

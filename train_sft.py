@@ -6,9 +6,8 @@
     python train_sft.py --demo                              # offline: tiny local Llama + the shipped sample
 
 `main()` is the recipe: config -> prepare (save_dir, tokenizer, data) -> trainer -> train -> finish (save,
-readiness, report, push). Modules below it: sft_config (schema), run_env (pre-flight), data_process_sft (data),
-model_io (tokenizer/model files), sft_trainer (the trainer), sft_readiness (held-out DPO pairs scored),
-sft_report (end-of-run files), sft_demo (--demo, --dry-run).
+readiness, report, push). Below it: sft_config (schema), run_env (pre-flight), save_dir_contract (save_dir),
+data_process_sft (data), model_io (model files), sft_trainer, sft_readiness, sft_report, sft_demo.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import run_env
+import save_dir_contract as contract
 from sft_config import Config, ConfigError, apply_global_batch, load_config
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_demo.yaml")
@@ -51,13 +51,14 @@ class Prepared:
     report: Any  # data_process_sft.DataReport
     split: Any  # DatasetDict with "train" and "test" (conversations, tokenized)
     resume_from: str | None
-    fingerprint: dict  # run_env.run_fingerprint: checked on resume, written into each checkpoint
+    fingerprint: dict  # save_dir_contract.run_fingerprint: checked on resume, written into each checkpoint
     raw: Any  # the HH rows read (the readiness report scores the eval split's preference pairs)
+    finished: dict | None = None  # --readiness: the finished run's metrics.json
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    set_log_levels(logging.INFO)
     start = time.time()
     try:
         run = resolve_run(args)
@@ -74,6 +75,13 @@ def main(argv=None) -> int:
     return finish(run, trainer, prepared, start)
 
 
+def set_log_levels(ours: int) -> None:
+    """Libraries say warnings only (accelerate's INFO lines read like failures); our loggers say `ours`."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("train_sft", "data_process_sft"):
+        logging.getLogger(name).setLevel(ours)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config_dpo.yaml",
@@ -87,7 +95,7 @@ def parse_args(argv):
                         help="no training: score held-out preference pairs with the finished model in save_dir")
     parser.add_argument("--overwrite", action="store_true",
                         help="start fresh: delete save_dir's checkpoints instead of resuming, train over a saved model")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow --dry-run or --readiness
 
 
 # --- config: the file, the overrides, the mode, pre-flight (no torch imported yet) ------------------------------
@@ -127,18 +135,18 @@ def prepare(run: Run) -> Prepared:
     cfg, t = run.cfg, run.cfg.sft_training
     state = PartialState(cpu=not torch.cuda.is_available())  # several processes: gloo on CPU, as use_cpu
     if not state.is_main_process:
-        logging.getLogger().setLevel(logging.WARNING)
+        set_log_levels(logging.WARNING)
     error = None
     with state.main_process_first():
         try:
+            finished = contract.finished_run(t.save_dir, cfg) if run.mode == "readiness" else None
             if run.mode == "readiness":
-                run_env.require_finished_model(t.save_dir)
                 resume_from = None
             elif state.is_main_process:
-                resume_from = run_env.prepare_save_dir(t.save_dir, overwrite=run.overwrite)
+                resume_from = contract.prepare_save_dir(t.save_dir, overwrite=run.overwrite, epochs=t.epochs)
                 run_env.check_disk_space(cfg)
             else:
-                resume_from = run_env.last_complete_checkpoint(t.save_dir)
+                resume_from = contract.last_complete_checkpoint(t.save_dir)
             tokenizer = prepare_tokenizer(dp.load_tokenizer(cfg.policy_name))
             raw = dp.load_hh_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
             if run.mode == "dry-run":
@@ -147,15 +155,15 @@ def prepare(run: Run) -> Prepared:
             data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length,
                                                 num_proc=t.dataset_num_proc, collator=collator, return_report=True)
             check_split_sizes(cfg, len(data), report)
-            fingerprint = run_env.run_fingerprint(cfg, report, dp.token_digest(data), state.num_processes)
-            run_env.check_same_run(resume_from, fingerprint)
+            fingerprint = contract.run_fingerprint(cfg, report, dp.token_digest(data), state.num_processes)
+            contract.check_same_run(resume_from, fingerprint)
         except ConfigError as e:  # kept until every process is past the barrier, then raised by all (below)
             error = str(e)
     first_error = next(filter(None, gather_object([error])), None)
     if first_error:  # the main process's refusal, said by every process (no rank left waiting in a collective)
         raise ConfigError(first_error)
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
-    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw)
+    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw, finished)
 
 
 def check_split_sizes(cfg: Config, rows: int, report) -> None:
@@ -173,6 +181,7 @@ def check_split_sizes(cfg: Config, rows: int, report) -> None:
 # --- trainer ----------------------------------------------------------------------------------------------------
 def build_trainer(run: Run, prepared: Prepared):
     from model_io import load_model
+    from sft_report import start_summary
     from sft_trainer import (
         SFTRunTrainer,
         WriteRunFingerprint,
@@ -184,7 +193,7 @@ def build_trainer(run: Run, prepared: Prepared):
 
     cfg, t = run.cfg, run.cfg.sft_training
     kernel_note = prefer_fast_attention()
-    model = load_model(cfg.policy_name, t.attn_implementation, frozen_precision=cfg.precision if t.lora else None)
+    model = load_model(cfg.policy_name, t.attn_implementation, cfg.precision, lora=t.lora is not None)
     model.config.pad_token_id = model.generation_config.pad_token_id = prepared.tokenizer.pad_token_id
     run_env.start_wandb(cfg, prepared.resume_from)
     train_data, eval_data = (batches_ready(prepared.split[s], t.packing, t.max_length) for s in ("train", "test"))
@@ -194,65 +203,15 @@ def build_trainer(run: Run, prepared: Prepared):
         callbacks=[WriteRunFingerprint(prepared.fingerprint)], peft_config=build_peft_config(t.lora),
     )
     if trainer.is_world_process_zero():
-        print_start_summary(cfg, trainer, prepared, len(train_data))
+        print(start_summary(cfg, trainer, prepared.report, prepared.split, len(train_data)))
         if kernel_note:
             print(f"  GPU: {kernel_note}")
         if prepared.resume_from:
-            print(f"Resuming from {prepared.resume_from} (step {run_env.checkpoint_step(prepared.resume_from)}); "
+            print(f"Resuming from {prepared.resume_from} (step {contract.checkpoint_step(prepared.resume_from)}); "
                   "--overwrite starts fresh")
-        if aside := run_env.set_aside(t.save_dir):
+        if aside := contract.set_aside(t.save_dir):
             print(f"  set aside in save_dir (damaged, never resumed or rotated; delete when done): {', '.join(aside)}")
     return trainer
-
-
-def print_start_summary(cfg: Config, trainer, prepared: Prepared, n_train_rows: int) -> None:
-    t, split = cfg.sft_training, prepared.split
-    world = trainer.args.world_size
-    global_batch = t.batch_size * t.gradient_accumulation * world
-    steps = trainer.args.max_steps if trainer.args.max_steps > 0 else \
-        math.ceil(math.ceil(n_train_rows / global_batch) * t.epochs)
-    rows = f" packed into {n_train_rows} rows of <= {t.max_length} tokens" if t.packing else ""
-    print(f"SFT of {cfg.policy_name} ({cfg.precision}) on {cfg.dataset.dataset_name} [{cfg.dataset.subset}]\n"
-          f"  data: {prepared.report.summary()}\n"
-          f"  train {len(split['train'])} / eval {len(split['test'])} conversations{rows}, "
-          f"max_length {t.max_length}, {'packing' if t.packing else 'length-grouped batches'}\n"
-          f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
-          f"gradient_accumulation {t.gradient_accumulation} x {world} process(es); ~{steps} optimizer steps\n"
-          f"  parallel: {parallel_mode(trainer)}\n"
-          f"  {training_mode(trainer, t.lora)}\n"
-          f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
-
-
-def training_mode(trainer, lora) -> str:
-    """Full fine-tuning, or LoRA with its trainable parameters and the memory it saves (weights, gradients and
-    AdamW state; full fine-tuning keeps ~16 bytes per parameter: fp32 weights, gradients and two moments)."""
-    params = list(trainer.model.parameters())
-    total = sum(p.numel() for p in params)
-    if lora is None:
-        return f"training: full fine-tuning of {total / 1e9:.3f}B parameters"
-    trainable = [p for p in params if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    lora_bytes = sum(p.numel() * p.element_size() for p in params if not p.requires_grad) + 16 * n_trainable
-    return (f"training: LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on "
-            f"{','.join(lora.target_modules)}: {n_trainable / 1e6:.2f}M trainable of {total / 1e9:.3f}B parameters "
-            f"({n_trainable / total:.2%}); weights, gradients and AdamW state ~{run_env.size(lora_bytes)} instead "
-            f"of ~{run_env.size(16 * total)} for full fine-tuning (activations not counted)")
-
-
-def parallel_mode(trainer) -> str:
-    """The parallel mode in effect (from the trainer, not the launcher), and a note when the accelerate config
-    asked for sharding that is not in effect (accelerate runs FSDP and DeepSpeed only on GPUs)."""
-    processes, state = trainer.args.world_size, trainer.accelerator.state
-    if trainer.is_fsdp_enabled:
-        mode = f"FSDP{state.fsdp_plugin.fsdp_version} (sharded)"
-    elif trainer.is_deepspeed_enabled:
-        mode = f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage} (sharded)"
-    else:
-        mode = "DDP" if processes > 1 else "single process"
-    asked = [name for name in run_env.sharding_requested() if name not in mode]
-    note = f"; the accelerate config asks for {asked[0]}, which accelerate runs only on GPUs: NOT sharded" \
-        if asked else ""
-    return f"{mode}, {processes} process(es){note}"
 
 
 # --- train ------------------------------------------------------------------------------------------------------
@@ -264,7 +223,7 @@ def train(run: Run, trainer, prepared: Prepared) -> int | None:
     try:
         trainer.train(resume_from_checkpoint=prepared.resume_from)
     except NonFiniteLoss as e:
-        last = run_env.last_complete_checkpoint(save_dir)
+        last = contract.last_complete_checkpoint(save_dir)
         print(f"error: {e}; stopped. Last good checkpoint: {last or 'none'}. Lower learning_rate or check the "
               "data, then run the same command (it resumes from that checkpoint) or add --overwrite.",
               file=sys.stderr)
@@ -276,7 +235,7 @@ def train(run: Run, trainer, prepared: Prepared) -> int | None:
         return 1
     if trainer.stopped_by:
         print(f"Stopped by {trainer.stopped_by} at step {trainer.state.global_step}; checkpoint saved in "
-              f"{run_env.last_complete_checkpoint(save_dir)}. Resume with the same command: "
+              f"{contract.last_complete_checkpoint(save_dir)}. Resume with the same command: "
               f"{run_env.rerun_command()}", file=sys.stderr)
         return 128 + signal.Signals[trainer.stopped_by].value
     return None
@@ -309,7 +268,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
     print(f"  train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
           f"eval accuracy {metrics['eval_accuracy']:.4f}")
-    print(run_env.tidy_finished(t.save_dir, keep_checkpoints=t.keep_checkpoints))
+    print(contract.tidy_finished(t.save_dir, keep_checkpoints=t.keep_checkpoints))
     if t.push_to_hub:
         try:
             push_final_model(t.save_dir, t.hub_model_id)
@@ -317,7 +276,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
             reason = (run_env.redact(str(e)).strip().splitlines() or [""])[0]
             print(f"error: push to {t.hub_model_id} failed ({type(e).__name__}: {reason}). "
                   f"The model is saved in {os.path.abspath(t.save_dir)}; push it later with: "
-                  f"huggingface-cli upload {t.hub_model_id} {t.save_dir} .", file=sys.stderr)
+                  f"hf upload {t.hub_model_id} {t.save_dir} .", file=sys.stderr)
             return 1
         print(f"Pushed to https://huggingface.co/{t.hub_model_id}")
     return _after_save(run)
@@ -328,6 +287,7 @@ def readiness(run: Run, prepared: Prepared, step: int) -> dict | None:
     """Score the eval split's preference pairs under the saved model and the base (sft_readiness), print the
     report and log it to W&B. Main process only, after the final save; a failure is one warning line."""
     import sft_readiness as sr
+    from sft_report import log_to_wandb
 
     t = run.cfg.sft_training
     if not t.readiness_pairs or "rejected" not in prepared.raw.column_names:
@@ -340,34 +300,25 @@ def readiness(run: Run, prepared: Prepared, step: int) -> dict | None:
         print(f"warning: reference readiness failed ({type(e).__name__}: {e}); the model is saved", file=sys.stderr)
         return None
     print("\n".join(sr.summary_lines(report)))
-    _log_to_wandb(sr.wandb_metrics(report), step)
+    log_to_wandb(sr.wandb_metrics(report), step)
     return report
 
 
-def _log_to_wandb(values: dict, step: int) -> None:
-    """Log to the W&B run of this process, if there is one (with `wandb_project: null` wandb need not be
-    installed: a GPU run without it once crashed here after training)."""
-    wandb = sys.modules.get("wandb")
-    if values and wandb is not None and wandb.run is not None:
-        wandb.run.log({**values, "train/global_step": step})
-
-
 def readiness_only(run: Run, prepared: Prepared) -> int:
-    """`--readiness`: score the finished model in save_dir; update metrics.json, the model card and the plot."""
-    import json
-
+    """`--readiness`: score the finished model in save_dir; update metrics.json, the model card and the plot. The
+    run's report is never replaced by an empty one: no pair scored is one `error:` line, exit 2, nothing rewritten."""
     import sft_report
 
-    save_dir = run.cfg.sft_training.save_dir
-    path = os.path.join(save_dir, "metrics.json")
-    metrics = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            metrics = json.load(f)
+    save_dir, metrics = run.cfg.sft_training.save_dir, prepared.finished
     run_env.start_wandb(run.cfg, resume_from=save_dir)
     report = readiness(run, prepared, step=metrics.get("global_step", 0))
-    if report is None or not metrics:
-        return 0
+    if report is None and "rejected" in prepared.raw.column_names:  # it failed: said in one warning line
+        return 1
+    if not (report or {}).get("pairs"):
+        print(f"error: no preference pair of the held-out split could be scored (dataset "
+              f"{run.cfg.dataset.dataset_name}: rows without a chosen/rejected pair, or every pair over max_length); "
+              f"the report in {save_dir} is unchanged", file=sys.stderr)
+        return 2
     metrics["readiness"] = report
     sft_report.write_parts(save_dir, sft_report.card_parts(run.cfg, metrics))
     sft_report.save_metrics(save_dir, metrics)

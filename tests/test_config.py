@@ -174,7 +174,7 @@ def test_offline_dry_run_on_the_real_config_fails_in_seconds_naming_both_fixes(t
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot reach the Hugging Face Hub (http://127.0.0.1:9) to load "
                            "meta-llama/Llama-3.2-1B, Anthropic/hh-rlhf")
-    assert "huggingface-cli login" in line and "HF_HUB_OFFLINE=1" in line
+    assert "hf auth login" in line and "HF_HUB_OFFLINE=1" in line
     assert not list(work.iterdir())  # nothing created before the refusal
 
 
@@ -220,3 +220,24 @@ def test_the_tests_keep_wandb_runs_out_of_the_repo():
     import os
 
     assert not os.environ["WANDB_DIR"].startswith(str(REPO))  # conftest: offline runs go to a temporary folder
+
+
+# The commands our messages and the README tell users to run: each must exist where requirements.txt installs.
+PRINTED_COMMANDS = ["hf auth login", "hf upload", "hf download", "wandb login", "wandb sync", "accelerate launch"]
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("command", PRINTED_COMMANDS)
+def test_every_command_a_message_prints_exists_in_the_installed_environment(command):
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+
+    sources = "".join(p.read_text() for p in [*REPO.glob("*.py"), REPO / "README.md"])
+    assert command in sources  # still printed somewhere (else drop it from the list)
+    assert "huggingface-cli" not in sources  # huggingface_hub 1.x installs `hf` only
+    program, *words = command.split()
+    assert shutil.which(program), program
+    result = subprocess.run([program, *words, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-500:]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import conftest
 from conftest import REPO, cli_env, real_checkpoint
 from model_io import prepare_tokenizer
-from run_env import prepare_save_dir
+from save_dir_contract import prepare_save_dir
 from sft_config import ConfigError
 
 SECRETS = {"HF_TOKEN": "hf_FAKEsecretTOKEN123456789", "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567"}
@@ -161,7 +161,7 @@ def test_secrets_are_never_printed_or_written_and_a_failed_push_keeps_the_model(
     environ = cli_env(WANDB_DIR=str(tmp_path), HF_HUB_OFFLINE="1", **SECRETS)
     code, out, err = finish(start(config, tmp_path, environ))
     assert code == 1, err[-2000:]
-    assert "push to someone/sft-test failed" in err and "huggingface-cli upload someone/sft-test" in err
+    assert "push to someone/sft-test failed" in err and "hf upload someone/sft-test" in err
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the local model is intact
@@ -186,8 +186,10 @@ def test_finished_model_is_never_trained_over_silently(tmp_path):
     real_checkpoint(tmp_path, 3)
     (tmp_path / "model.safetensors").write_bytes(b"x")
     (tmp_path / "metrics.json").write_text("{}")  # written after the weights: the run finished
-    with pytest.raises(ConfigError, match=r"already holds a finished model; pass --overwrite to train over it, "
-                                          r"or set another sft_training\.save_dir$"):
+    with pytest.raises(ConfigError, match=r"already holds a finished model and its kept resume state "
+                                          r"\(checkpoint-3\): raise sft_training\.epochs to continue from it; "
+                                          r"--overwrite deletes both and trains a new model from step 0; or set "
+                                          r"another sft_training\.save_dir$"):
         prepare_save_dir(str(tmp_path), overwrite=False)
     assert prepare_save_dir(str(tmp_path), overwrite=True) is None
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "model.safetensors").exists()
@@ -199,7 +201,7 @@ def cli(config, *args, environ=None):
 
 
 PREFLIGHT = {"unwritable": "is not writable", "push_without_token": "there is no Hugging Face token",
-             "finished_model": "already holds a finished model; pass --overwrite",
+             "finished_model": "already holds a finished model",
              "no_chosen": "has no 'chosen' column", "empty": "fewer than 2 usable rows"}
 
 

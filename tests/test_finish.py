@@ -91,10 +91,10 @@ def test_fsdp_config_on_cpu_says_it_does_not_shard_and_ends_with_one_bf16_model(
 def test_readiness_logging_needs_no_wandb_when_wandb_is_off(monkeypatch):
     """With `wandb_project: null` wandb need not be installed (the lent GPU machine has none): logging the
     readiness numbers after the final save must not import it (it once failed a finished H100 run there)."""
-    import train_sft
+    import sft_report
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` would raise ImportError
-    train_sft._log_to_wandb({"eval/ref_pref_accuracy": 0.5}, step=3)
+    sft_report.log_to_wandb({"eval/ref_pref_accuracy": 0.5}, step=3)
 
 
 def test_one_extreme_margin_does_not_hide_the_others_in_the_readiness_plot(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_env
+import save_dir_contract
 from conftest import REPO, SAMPLE, assert_ok, cli_env, real_checkpoint, run_cli, write_config
 from data_process_sft import load_hh_rows
 from sft_config import ConfigError
@@ -73,13 +74,13 @@ def test_the_nan_advice_works_lower_learning_rate_and_run_the_same_command(tmp_p
 
 def test_a_checkpoint_of_other_settings_is_refused_naming_each_change(tmp_path):
     (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / run_env.FINGERPRINT_FILE).write_text(json.dumps(
+    (tmp_path / "checkpoint-4" / save_dir_contract.FINGERPRINT_FILE).write_text(json.dumps(
         {"sft_training.max_length": 512, "dataset.dataset_name": "a.jsonl", "processes": 1}))
     with pytest.raises(ConfigError, match=r"\(sft_training\.max_length 512 -> 256; dataset\.dataset_name "
                                           r"'a\.jsonl' -> 'b\.jsonl'\); resume with the same ones, or start fresh"):
-        run_env.check_same_run(str(tmp_path / "checkpoint-4"), {"sft_training.max_length": 256,
+        save_dir_contract.check_same_run(str(tmp_path / "checkpoint-4"), {"sft_training.max_length": 256,
                                                                 "dataset.dataset_name": "b.jsonl", "processes": 1})
-    run_env.check_same_run(str(tmp_path / "checkpoint-4"), {"sft_training.max_length": 512,
+    save_dir_contract.check_same_run(str(tmp_path / "checkpoint-4"), {"sft_training.max_length": 512,
                                                             "dataset.dataset_name": "a.jsonl", "processes": 1})
 
 
@@ -87,7 +88,8 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_each_change(tmp_path):
 @pytest.mark.cli
 def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path, base_model_dir):
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(REPO)!r}); "
-                               f"import run_env; run_env.lock_save_dir({str(tmp_path / 'out')!r}); time.sleep(120)"])
+                               f"import save_dir_contract as c; c.lock_save_dir({str(tmp_path / 'out')!r}); "
+                               "time.sleep(120)"])
     (tmp_path / "out").mkdir()
     deadline = time.time() + 300  # a guard against a hang, not a speed limit
     while not (tmp_path / "out" / ".lock").exists() or not (tmp_path / "out" / ".lock").read_text():
@@ -98,8 +100,8 @@ def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_n
     assert f"is in use by a running train_sft.py (pid {holder.pid}: -c)" in result.stderr
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    run_env.lock_save_dir(str(tmp_path / "out"))  # the kernel released the dead holder's lock
-    run_env.unlock_save_dir(str(tmp_path / "out"))
+    save_dir_contract.lock_save_dir(str(tmp_path / "out"))  # the kernel released the dead holder's lock
+    save_dir_contract.unlock_save_dir(str(tmp_path / "out"))
 
 
 # --- damaged checkpoints -------------------------------------------------------------------------------------
@@ -110,13 +112,13 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_
     newest = real_checkpoint(tmp_path, 12)
     data = (newest / name).read_bytes()
     (newest / name).write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
-    assert run_env.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-9")
+    assert save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-9")
     aside = tmp_path / "damaged-checkpoint-12"
     assert not newest.exists() and (aside / name).exists()
     assert capsys.readouterr().out == (f"Setting aside damaged checkpoint {newest} ({name} does not open whole) as "
                                        f"{aside}\n")
-    assert run_env.set_aside(str(tmp_path)) == ["damaged-checkpoint-12"]
-    run_env.unlock_save_dir(str(tmp_path))
+    assert save_dir_contract.set_aside(str(tmp_path)) == ["damaged-checkpoint-12"]
+    save_dir_contract.unlock_save_dir(str(tmp_path))
 
 
 def test_a_checkpoint_set_aside_is_out_of_the_trainers_rotation(tmp_path):
@@ -139,11 +141,11 @@ def test_damage_is_found_in_every_checkpoint_file_kind_and_whole_files_pass(tmp_
     save_file({"w": torch.ones(8)}, path / "with_metadata.safetensors", metadata={"format": "pt"})
     for name in ("rng_state.pth", "training_args.bin"):
         torch.save({"x": torch.ones(4)}, path / name)
-    assert run_env.damaged_file(str(path)) is None
+    assert save_dir_contract.damage(str(path)) is None
     for name in ("with_metadata.safetensors", "rng_state.pth", "training_args.bin"):
         data = (path / name).read_bytes()
         (path / name).write_bytes(data[:-10])
-        assert run_env.damaged_file(str(path)) == name
+        assert save_dir_contract.damage(str(path)) == f"{name} does not open whole"
         (path / name).write_bytes(data)
 
 
@@ -153,16 +155,16 @@ def test_a_checkpoint_without_its_run_fingerprint_does_not_count_as_complete(tmp
     real_checkpoint(tmp_path, 4)
     cut = real_checkpoint(tmp_path, 6)
     (cut / "sft_run.json").unlink()
-    assert run_env.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-4")
+    assert save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-4")
     assert not cut.exists() and f"Removing incomplete checkpoint {cut}" in capsys.readouterr().out
-    run_env.unlock_save_dir(str(tmp_path))
+    save_dir_contract.unlock_save_dir(str(tmp_path))
 
 
 def test_nothing_to_resume_in_a_missing_or_half_written_folder(tmp_path):
-    assert run_env.last_complete_checkpoint(str(tmp_path / "absent")) is None
+    assert save_dir_contract.last_complete_checkpoint(str(tmp_path / "absent")) is None
     real_checkpoint(tmp_path, 3, complete=False)
-    assert run_env.last_complete_checkpoint(str(tmp_path)) is None
-    run_env.check_same_run(str(real_checkpoint(tmp_path, 4)), {"processes": 1})  # no fingerprint: older run
+    assert save_dir_contract.last_complete_checkpoint(str(tmp_path)) is None
+    save_dir_contract.check_same_run(str(real_checkpoint(tmp_path, 4)), {"processes": 1})  # no fingerprint: older run
 
 
 # --- a full disk ---------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_overwrite_on_the_command_line_trains_fresh_over_a_finished_model(tmp_pa
     config = write_config(tmp_path, base_model_dir, save_steps=4, readiness_pairs=0)
     assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     refused = run_cli("--config", str(config), cwd=tmp_path)
-    assert refused.returncode == 2 and "already holds a finished model; pass --overwrite" in refused.stderr
+    assert refused.returncode == 2 and "already holds a finished model; --overwrite deletes it" in refused.stderr
     (tmp_path / "out" / "checkpoint-999").mkdir()  # would be resumed from, were it not removed
     (tmp_path / "out" / "checkpoint-999" / "trainer_state.json").write_text("{}")
     out = assert_ok(run_cli("--config", str(config), "--overwrite", cwd=tmp_path))
@@ -237,7 +239,7 @@ def test_overwrite_on_the_command_line_trains_fresh_over_a_finished_model(tmp_pa
 def test_weights_without_metrics_are_finished_from_the_last_checkpoint(tmp_path, capsys):
     real_checkpoint(tmp_path, 8)
     (tmp_path / "model.safetensors").write_text("weights renamed into place, then killed")
-    assert run_env.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-8")
+    assert save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-8")
     assert "whose final save was cut short: finishing it from " + str(tmp_path / "checkpoint-8") in \
         capsys.readouterr().out
 
@@ -245,7 +247,7 @@ def test_weights_without_metrics_are_finished_from_the_last_checkpoint(tmp_path,
 def test_an_unwritable_save_dir_is_named(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match=rf"^sft_training\.save_dir: {tmp_path}/a_file/out is not writable \("):
-        run_env.prepare_save_dir(str(tmp_path / "a_file" / "out"), overwrite=False)
+        save_dir_contract.prepare_save_dir(str(tmp_path / "a_file" / "out"), overwrite=False)
 
 
 def test_overwrite_removes_every_file_of_the_older_run(tmp_path):
@@ -254,9 +256,9 @@ def test_overwrite_removes_every_file_of_the_older_run(tmp_path):
     for name in ("model.safetensors", "metrics.json", "samples.jsonl", "training_curves.png", "readiness_margins.png",
                  "README.md"):
         (tmp_path / name).write_text("old")
-    assert run_env.prepare_save_dir(str(tmp_path), overwrite=True) is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-    run_env.unlock_save_dir(str(tmp_path))
+    assert save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=True) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hh-sft-run", ".lock"]
+    save_dir_contract.unlock_save_dir(str(tmp_path))
 
 
 # --- bad input named by file and line --------------------------------------------------------------------------
@@ -299,11 +301,11 @@ def test_a_folder_of_someone_elses_files_is_refused_by_name(tmp_path):
         (tmp_path / name).write_text("the user's own")
     with pytest.raises(ConfigError, match=r"holds files that train_sft\.py did not write \(README\.md, config\.json, "
                                           r"notes\.txt\); pass --overwrite"):
-        run_env.prepare_save_dir(str(tmp_path), overwrite=False)
+        save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False)
     assert not (tmp_path / ".lock").exists()  # refused before anything was written
-    assert run_env.prepare_save_dir(str(tmp_path), overwrite=True) is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.txt"]  # only our names replaced
-    run_env.unlock_save_dir(str(tmp_path))
+    assert save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=True) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hh-sft-run", ".lock", "notes.txt"]  # ours replaced
+    save_dir_contract.unlock_save_dir(str(tmp_path))
 
 
 @pytest.mark.parametrize("where", ["is", "is inside", "holds"])

@@ -9,51 +9,18 @@ import pytest
 import torch
 import trl
 
-from conftest import SAMPLE
-from data_process_sft import CompletionOnlyCollator, build_sft_dataset, load_raw_dataset
-from model_io import prepare_tokenizer
-from sft_config import load_config
-from sft_demo import train_llama3_style_tokenizer
-from sft_trainer import (
-    ConversationLengthSampler,
-    NonFiniteLoss,
-    SFTRunTrainer,
-    batches_ready,
-    build_peft_config,
-    build_sft_config,
-)
+from conftest import tiny_data, tiny_trainer
+from sft_trainer import ConversationLengthSampler, NonFiniteLoss
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A small BPE with the Llama-3 special tokens, 40 tokenized HH conversations, a tiny random Llama."""
-    raw = load_raw_dataset(str(SAMPLE), "train[:40]")
-    tokenizer = prepare_tokenizer(train_llama3_style_tokenizer(
-        (r for r in raw["chosen"] if isinstance(r, str)), vocab_size=400))
-    data = build_sft_dataset(raw, tokenizer, max_length=96)
-    return tokenizer, data, tmp_path_factory.mktemp("tiny")
+def tiny():
+    """A small BPE with the Llama-3 special tokens and 40 tokenized HH conversations (conftest.tiny_data)."""
+    return tiny_data()
 
 
 def make_trainer(tiny, tmp_path, steps=3, **sft):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer, data, _ = tiny
-    path = tmp_path / "c.yaml"
-    training = {"batch_size": 4, "eval_batch_size": 3, "max_length": 96, "save_dir": str(tmp_path / "out"),
-                "wandb_project": None, "warmup_steps": 0, "learning_rate": 1e-2, "log_steps": 1, **sft}
-    path.write_text(f"policy_name: tiny\ndataset: {{}}\nsft_training: {training}\n")
-    cfg = load_config(str(path))
-    args = build_sft_config(cfg, max_steps=steps)
-    args.eval_strategy = args.save_strategy = "no"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    split = data.train_test_split(test_size=0.25, seed=1)
-    return SFTRunTrainer(model=model, args=args, processing_class=tokenizer,
-                         data_collator=CompletionOnlyCollator(tokenizer),
-                         train_dataset=batches_ready(split["train"], False, 96),
-                         eval_dataset=batches_ready(split["test"], False, 96),
-                         peft_config=build_peft_config(cfg.sft_training.lora))
+    return tiny_trainer(tmp_path, steps=steps, **sft)
 
 
 def test_training_batches_come_from_the_length_sampler_in_its_order(tiny, tmp_path):
