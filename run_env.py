@@ -214,8 +214,17 @@ def size(n_bytes: float) -> str:
 
 
 def rerun_command() -> str:
-    """The command line of this run, quoted so that it can be pasted into a shell (paths with spaces)."""
-    return "python " + shlex.join(sys.argv)
+    """The command that launched this run, quoted so that it pastes into a shell (paths with spaces). Under
+    torchrun or `accelerate launch` that is the launcher's command line (a worker's parent, read from /proc):
+    pasting the worker's own `python train_sft.py` would start one process where the run had several."""
+    command = "python " + shlex.join(sys.argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                return shlex.join([part.decode() for part in f.read().split(b"\0") if part])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"the same launch command as this run's (each of its processes ran: {command})"
+    return command
 
 
 def disk_full(error: BaseException, save_dir: str) -> str | None:

@@ -233,6 +233,7 @@ def plot_curves(history: list[dict], path: str) -> None:
         acc = ax.twinx()
         acc.plot([e[0] for e in evals], [e[2] for e in evals], "s--", color="tab:green", label="eval accuracy")
         acc.set_ylabel("next-token accuracy")
+        acc.set_ylim(0, 1)  # a fraction: autoscaled, a 0.009 change looked steep and LoRA runs showed negatives
         more_handles, more_labels = acc.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, loc="center left")
@@ -259,6 +260,8 @@ def plot_margins(report: dict, source: str, path: str) -> None:
         inside = values[(values >= low) & (values <= high)]
         ax.hist(inside, bins=min(40, max(8, len(inside) // 2)), range=(low, high), color="tab:purple", alpha=0.8)
         ax.axvline(0, color="black", lw=1)
+        ax.set_xlim(low, high)  # the drawn range is the one the title counts outside of
+        ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))  # pairs are counted, not measured
         ax.set_xlabel(f"log p(chosen) - log p(rejected), {label}")
         ax.set_ylabel("held-out pairs")
         outside = f"; not shown: {below} below {low:.3g}, {above} above {high:.3g}" if below or above else ""

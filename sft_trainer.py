@@ -111,14 +111,43 @@ class NonFiniteLoss(RuntimeError):
 
 
 class SaveAndStopOnSignal(TrainerCallback):
-    """After a SIGTERM/SIGINT: save a checkpoint at the end of the current step, then stop."""
+    """After a SIGTERM/SIGINT: save a checkpoint at the end of a step, then stop.
+
+    With several processes the stop is agreed: at each step end every process all-reduces (max) the signal it
+    received, and acts on the previous step's result, so all stop at the same step and write one checkpoint
+    together, whichever process the signal reached. (Each deciding alone left the others in the next step's
+    collective: a hang or an abort.) Acting one step late lets the host read a result the device finished long
+    ago instead of waiting for the current step's kernels."""
 
     def __init__(self, trainer: SFTRunTrainer):
         self.trainer = trainer
+        self._pending = None  # the previous step's reduced signal: (host tensor, CUDA event or None)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.stopped_by:
+        signum = self._agreed(args) if args.world_size > 1 else self.trainer.received
+        if signum:
+            self.trainer.stopped_by = signal.Signals(signum).name
             control.should_save = control.should_training_stop = True
+
+    def _agreed(self, args) -> int:
+        import torch.distributed as dist
+
+        previous = self._pending
+        flag = torch.tensor([self.trainer.received], dtype=torch.int32, device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True).wait()  # on CUDA the stream waits, not the host
+        if flag.is_cuda:
+            event = torch.cuda.Event()
+            host = flag.to("cpu", non_blocking=True)
+            event.record()
+            self._pending = (host, event)
+        else:
+            self._pending = (flag, None)
+        if previous is None:
+            return 0
+        host, event = previous
+        if event is not None:
+            event.synchronize()  # recorded a step ago: normally long done
+        return int(host[0])
 
 
 class LogEverySavedStep(TrainerCallback):
@@ -153,7 +182,8 @@ class SFTRunTrainer(SFTTrainer):
       `eval_mean_token_accuracy`, a mean of per-batch accuracies (short batches weigh as much as long ones).
     - length-grouped training batches (`ConversationLengthSampler`) whenever the dataset has a `length` column.
     - SIGTERM/SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint and stop; `stopped_by`
-      names the signal. A second signal ends the process at once. (transformers' JIT checkpoint handles
+      names the signal; with several processes every one stops at the same step (SaveAndStopOnSignal). A
+      second signal ends the process at once. (transformers' JIT checkpoint handles
       SIGTERM only, and saves in the middle of a step.)
     - a NaN/inf loss stops the run with `NonFiniteLoss` naming the step.
     - a resumed run uses the configured learning rate from the resumed step on (a checkpoint's scheduler state
@@ -162,7 +192,8 @@ class SFTRunTrainer(SFTTrainer):
       right-padded batches.
     """
 
-    stopped_by: str | None = None
+    stopped_by: str | None = None  # the signal the run stopped for (agreed by every process)
+    received: int = 0  # the signal this process received (0: none)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -189,9 +220,11 @@ class SFTRunTrainer(SFTTrainer):
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame):
-        self.stopped_by = signal.Signals(signum).name
+        self.received = signum
         signal.signal(signum, signal.SIG_DFL)
-        logger.warning("%s received: saving a checkpoint after this step, then stopping", self.stopped_by)
+        agreed = " (with every process)" if self.args.world_size > 1 else ""
+        logger.warning("%s received: saving a checkpoint after this step%s, then stopping",
+                       signal.Signals(signum).name, agreed)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)

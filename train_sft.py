@@ -233,10 +233,11 @@ def train(run: Run, trainer, prepared: Prepared) -> int | None:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 1
-    if trainer.stopped_by:
-        print(f"Stopped by {trainer.stopped_by} at step {trainer.state.global_step}; checkpoint saved in "
-              f"{contract.last_complete_checkpoint(save_dir)}. Resume with the same command: "
-              f"{run_env.rerun_command()}", file=sys.stderr)
+    if trainer.stopped_by:  # agreed by every process; said once
+        if trainer.is_world_process_zero():
+            print(f"Stopped by {trainer.stopped_by} at step {trainer.state.global_step}; checkpoint saved in "
+                  f"{contract.last_complete_checkpoint(save_dir)}. Resume with the same command: "
+                  f"{run_env.rerun_command()}", file=sys.stderr)
         return 128 + signal.Signals[trainer.stopped_by].value
     return None
 

@@ -66,3 +66,81 @@ def test_accelerate_configs_parse(name, kind):
         assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
     if name == "zero3":
         assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"]
+
+
+def rank_pid(agent_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=`rank` (its children, read from /proc)."""
+    from pathlib import Path
+
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children")
+    for pid in (children.read_text().split() if children.exists() else []):
+        try:
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def signal_one_rank(tmp_path, base_model_dir, sig, delay):
+    """Start a 2-process torchrun run, send `sig` to rank 1 only `delay` s after training starts, wait for the
+    launcher to end (a guard against a hang, not a speed limit). Returns (launch command, env, stderr, rank pids)."""
+    import os
+    import subprocess
+    import time
+
+    config = write_config(tmp_path, base_model_dir, save_steps=1000, epochs=6, subset="train[:64]")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_sft.py"),
+              "--config", str(config)]
+    env = cli_env(OMP_NUM_THREADS="1")
+    out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out_file, "w") as stdout, open(err_file, "w") as stderr:
+        agent = subprocess.Popen(launch, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    deadline = time.time() + 300
+    while "checkpoints and final model" not in out_file.read_text():
+        assert agent.poll() is None and time.time() < deadline, err_file.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(delay)
+    pids = [rank_pid(agent.pid, rank) for rank in (0, 1)]
+    assert None not in pids
+    os.kill(pids[1], sig)
+    agent.wait(timeout=300)
+    return launch, env, err_file.read_text(), pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 4.0])
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_launch_command_resumes(
+        tmp_path, base_model_dir, delay):
+    """SIGTERM to rank 1 only (what a scheduler that signals one node does), early or later in the run: every
+    rank stops at the same step, one complete checkpoint is written, no hang, no abort; the printed resume
+    command is torchrun's, printed once, and running it resumes from that checkpoint to the end."""
+    import signal
+    import subprocess
+
+    launch, env, err, _ = signal_one_rank(tmp_path, base_model_dir, signal.SIGTERM, delay)
+    assert "Aborted" not in err and "SIGABRT" not in err, err[-3000:]
+    checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"))
+    assert len(checkpoints) == 1, err[-3000:]
+    assert (checkpoints[0] / "trainer_state.json").exists() and (checkpoints[0] / "sft_run.json").exists()
+    rng = sorted(p.name for p in checkpoints[0].glob("rng_state*"))
+    assert rng == ["rng_state_0.pth", "rng_state_1.pth"]  # both ranks saved at that step
+    resume_lines = [line for line in err.splitlines() if "Resume with the same command" in line]
+    assert len(resume_lines) == 1 and f"--nproc_per_node 2 {REPO / 'train_sft.py'}" in resume_lines[0]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert f"Stopped by SIGTERM at step {step}" in resume_lines[0]
+
+    resumed = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                             stdin=subprocess.DEVNULL)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {checkpoints[0]} (step {step})" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_ends_every_process(tmp_path, base_model_dir):
+    import os
+    import signal
+
+    _, _, err, pids = signal_one_rank(tmp_path, base_model_dir, signal.SIGKILL, 1.0)
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], err[-2000:]
+    assert not list((tmp_path / "out").glob("checkpoint-*"))

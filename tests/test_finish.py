@@ -109,3 +109,40 @@ def test_one_extreme_margin_does_not_hide_the_others_in_the_readiness_plot(tmp_p
     sft_report.plot_margins({"margins": list(margins), "margins_per_token": list(margins / 50)}, "my_data.jsonl",
                             str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+def kept_figure(monkeypatch):
+    """pyplot with close() turned off: the test reads back the figure a plot function drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda *a: None)
+    return plt
+
+
+def test_the_accuracy_axis_of_the_curves_is_the_whole_fraction(tmp_path, monkeypatch):
+    plt = kept_figure(monkeypatch)
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.9, "eval_accuracy": 0.412},
+               {"step": 4, "eval_loss": 1.8, "eval_accuracy": 0.421}]
+    sft_report.plot_curves(history, str(tmp_path / "c.png"))
+    accuracy = [ax for ax in plt.gcf().axes if ax.get_ylabel() == "next-token accuracy"]
+    assert len(accuracy) == 1 and accuracy[0].get_ylim() == (0, 1)
+
+
+def test_readiness_histograms_count_whole_pairs_and_their_axes_match_the_titles(tmp_path, monkeypatch):
+    import re
+
+    import numpy as np
+
+    plt = kept_figure(monkeypatch)
+    margins = np.concatenate([np.linspace(-3, 5, 5), [-80.0]])  # few pairs, one outlier
+    sft_report.plot_margins({"margins": list(margins)}, "d.jsonl", str(tmp_path / "m.png"))
+    [ax] = plt.gcf().axes
+    low, high, below, _ = sft_report.plot_range(margins)
+    assert ax.get_xlim() == pytest.approx((low, high))
+    assert f"not shown: {below} below {low:.3g}" in ax.get_title()
+    ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert re.search(r"\d+ of 6 pairs > 0", ax.get_title())
