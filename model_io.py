@@ -135,6 +135,26 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     trainer.save_state()  # trainer_state.json: every logged number
 
 
+def held_out_prompts(conversations, n: int) -> list[tuple[list[dict], str]]:
+    """(prompt, reference reply) of the first `n` conversations that have a prompt: the conversation up to its
+    last user turn (HH rows whose first human turn is empty start with the assistant and have none)."""
+    return [(messages[:-1], messages[-1]["content"]) for messages in conversations if len(messages) > 1][:n]
+
+
+def greedy_reply(model, tokenizer, prompt: list[dict], max_new_tokens: int) -> tuple[str, bool]:
+    """The model's greedy reply to a chat prompt, and whether it stopped at an eos (<|eot_id|>) on its own."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    eos = model.generation_config.eos_token_id
+    stopped = bool(len(new)) and new[-1].item() in (eos if isinstance(eos, list) else [eos])
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), stopped
+
+
 def half_dtype(precision: str | None):
     """torch's dtype for `precision` "bf16"/"fp16" (None for fp32: the weights stay as they are)."""
     import torch

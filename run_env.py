@@ -62,6 +62,9 @@ def check_before_loading(cfg: Config) -> None:
         if sharding_requested():
             raise ConfigError("sft_training.lora runs single-process or with DDP (accelerate_configs/ddp.yaml), not "
                               "FSDP/DeepSpeed here: LoRA's trainable state is small enough to copy to every GPU")
+    if train.load_best and train.eval_steps and train.save_steps % train.eval_steps:
+        raise ConfigError(f"sft_training.load_best needs a checkpoint at evaluations: save_steps ({train.save_steps}) "
+                          f"must be a multiple of eval_steps ({train.eval_steps})")
     if train.use_liger_kernel:
         _require("liger_kernel", "sft_training.use_liger_kernel: true needs liger-kernel (pip install liger-kernel)")
         _require_gpu("sft_training.use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton)")

@@ -45,7 +45,7 @@ STAGING = ".final-model-tmp"  # the final save is written here, then each file r
 RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
              "training_args.bin", "trainer_state.json", "metrics.json", "samples.jsonl", "training_curves.png",
-             "readiness_margins.png", "README.md", "wandb_run_id", "adapter")
+             "readiness_margins.png", "README.md", "wandb_run_id", "adapter", "samples_during_training.jsonl")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
 SHARDED = ("pytorch_model_fsdp", "global_step")  # FSDP / DeepSpeed checkpoint layouts: their own files
 
@@ -332,7 +332,8 @@ def run_fingerprint(cfg: Config, report, data_digest: str, world_size: int) -> d
             cfg.dataset.model_dump().items() if k != "max_len"},
             "data (rows kept, tokens)": [report.rows_kept, report.tokens], "data (token ids, sha256)": data_digest,
             **{f"sft_training.{k}": getattr(t, k) for k in ("max_length", "batch_size", "gradient_accumulation",
-                                                             "packing", "seed", "save_only_model")},
+                                                             "packing", "seed", "save_only_model",
+                                                             "neftune_noise_alpha", "early_stopping_patience")},
             "sft_training.lora": t.lora.model_dump() if t.lora else None,
             "processes": world_size}
 

@@ -95,6 +95,11 @@ class SFTTrainingConfig(Section):
     save_total_limit: Annotated[Int, Field(ge=1)] | None = 2
     save_only_model: Bool = False  # False: checkpoints hold optimizer/scheduler/RNG, so a resume is exact
     keep_checkpoints: Bool = False  # after a finished run: keep checkpoint-N (resume state) in save_dir
+    load_best: Bool = False  # the final folder: the checkpoint with the lowest eval loss, not the last step
+    early_stopping_patience: Annotated[Int, Field(ge=1)] | None = None  # stop after N evals without improvement
+    sample_prompts: Annotated[Int, Field(ge=0, le=64)] = 4  # replies to K held-out prompts at each eval; 0: off
+    neftune_noise_alpha: Annotated[Float, Field(gt=0)] | None = None  # NEFTune: noise on input embeddings
+    activation_offloading: Bool = False  # TRL's: activations to CPU memory in the backward pass (CUDA only)
     lora: LoraSettings | None = None  # null: full fine-tuning
     readiness_pairs: Annotated[Int, Field(ge=0)] = 512  # held-out DPO pairs scored at the end; 0: off
     save_dir: Str = "sft_model"

@@ -14,6 +14,7 @@ import os
 import sys
 
 from data_process_sft import read_columns
+from model_io import greedy_reply, held_out_prompts
 from run_env import sharding_requested, size
 from save_dir_contract import write_whole
 from sft_config import Config
@@ -38,7 +39,27 @@ def start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> str
             f"epochs {t.epochs:g}, ~{steps} optimizer steps of {global_batch}\n"
             f"  parallel: {parallel_mode(trainer)}\n"
             f"  {training_mode(trainer, t.lora)}\n"
+            f"{extras_line(t)}"
             f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
+
+
+def extras_line(t) -> str:
+    """The options beyond the recipe's defaults that are on, one line ("" when none is)."""
+    import torch
+
+    extras = []
+    if t.load_best:
+        extras.append("the final folder is the checkpoint with the lowest eval loss (load_best)")
+    if t.early_stopping_patience:
+        extras.append(f"early stopping after {t.early_stopping_patience} evals without improvement")
+    if t.neftune_noise_alpha:
+        extras.append(f"NEFTune noise alpha {t.neftune_noise_alpha:g} (training only)")
+    if t.activation_offloading:
+        extras.append("activation offloading " + ("on" if torch.cuda.is_available() else
+                                                  "requested, NOT in effect (it needs a CUDA GPU)"))
+    if t.sample_prompts:
+        extras.append(f"replies to {t.sample_prompts} held-out prompts at each eval")
+    return f"  extras: {'; '.join(extras)}\n" if extras else ""
 
 
 def training_mode(trainer, lora) -> str:
@@ -106,7 +127,42 @@ def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runti
         "overrides": list(cfg.overrides),
         "log_history": history,
     }
+    if trainer.args.metric_for_best_model:  # load_best / early_stopping_patience: which eval was best
+        best = trainer.state.best_model_checkpoint
+        metrics["best"] = {"step": int(best.rsplit("-", 1)[-1]) if best else None,
+                           "eval_loss": trainer.state.best_metric, "handed_off": t.load_best,
+                           "stopped_early": stopped_early(trainer)}
     return metrics
+
+
+def best_row(metrics: dict) -> str:
+    best = metrics.get("best") or {}
+    if best.get("step") is None:
+        return ""
+    which = "the saved model" if best["handed_off"] else "not the saved model (load_best: false)"
+    return f"\n| best eval loss (step {best['step']}: {which}) | {best['eval_loss']:.4f} |"
+
+
+def stopped_early(trainer) -> bool:
+    """Whether transformers' EarlyStoppingCallback ended the run (its patience ran out)."""
+    from transformers import EarlyStoppingCallback
+
+    return any(isinstance(c, EarlyStoppingCallback) and c.early_stopping_patience_counter >= c.early_stopping_patience
+               for c in trainer.callback_handler.callbacks)
+
+
+def best_lines(metrics: dict) -> list[str]:
+    """What the end of a run says about its best eval and early stopping (nothing without them)."""
+    best = metrics.get("best")
+    if not best or best["step"] is None:
+        return []
+    lines = [f"  best eval loss {best['eval_loss']:.4f} at step {best['step']}"
+             + ("; the saved model is that checkpoint's (load_best)" if best["handed_off"] else
+                "; the saved model is the last step's (load_best: false)")]
+    if best["stopped_early"]:
+        lines.append(f"  stopped early at step {metrics['global_step']}: eval loss did not improve for "
+                     f"{metrics['config']['sft_training']['early_stopping_patience']} evaluations")
+    return lines
 
 
 def save_metrics(save_dir: str, metrics: dict) -> None:
@@ -188,20 +244,10 @@ def _write_text(path: str, text: str) -> None:
 def write_samples(model, tokenizer, eval_messages, path: str, n: int = 4, max_new_tokens: int = 128) -> None:
     """Greedy replies to the first held-out eval prompts that have one (the conversation up to its last user
     turn; conversations that start with the assistant, as HH rows with an empty first turn do, have none)."""
-    import torch
-
     model.eval()
-    with_prompt = [m for m in eval_messages if len(m) > 1][:n]
     with open(path, "w", encoding="utf-8") as f:
-        for messages in with_prompt:
-            prompt, reference = messages[:-1], messages[-1]["content"]
-            inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
-                                                   return_dict=True).to(model.device)
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[0, inputs["input_ids"].shape[1]:]
-            stopped = bool(len(new)) and new[-1].item() in model.generation_config.eos_token_id
-            reply = tokenizer.decode(new, skip_special_tokens=True).strip()
+        for prompt, reference in held_out_prompts(eval_messages, n):
+            reply, stopped = greedy_reply(model, tokenizer, prompt, max_new_tokens)
             f.write(json.dumps({"prompt": prompt, "reply": reply, "stopped_at_eot": stopped,
                                 "reference": reference}, ensure_ascii=False) + "\n")
 
@@ -339,7 +385,7 @@ on every assistant turn and its `<|eot_id|>`; prompts, headers and padding are m
 | metric | value |
 |---|---|
 | train loss | {metrics["train_loss"]:.4f} |
-| eval loss | {metrics["eval_loss"]:.4f} |
+| eval loss | {metrics["eval_loss"]:.4f} |{best_row(metrics)}
 | eval accuracy (next token, assistant tokens) | {metrics["eval_accuracy"]:.4f} |
 | optimizer steps | {metrics["global_step"]} |
 | global batch | {metrics["global_batch"]} |

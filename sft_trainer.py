@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import sys
 
 import torch
 from transformers import TrainerCallback
@@ -35,6 +36,20 @@ def build_peft_config(lora):
 
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def run_callbacks(cfg: Config, fingerprint: dict, sample_prompts: list) -> list:
+    """The callbacks a run adds to the Trainer: each checkpoint's fingerprint, early stopping (transformers'
+    EarlyStoppingCallback, its counter saved in checkpoints), replies to held-out prompts at each eval."""
+    from transformers import EarlyStoppingCallback
+
+    t = cfg.sft_training
+    callbacks = [WriteRunFingerprint(fingerprint)]
+    if t.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    if t.sample_prompts and sample_prompts:
+        callbacks.append(SampleReplies(sample_prompts[: t.sample_prompts], t.save_dir))
+    return callbacks
 
 
 def build_sft_config(cfg: Config, *, max_steps: int = -1) -> SFTConfig:
@@ -60,6 +75,11 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1) -> SFTConfig:
         dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, labelled, truncated (and packed) by us
         use_liger_kernel=t.use_liger_kernel,
         torch_compile=t.torch_compile,
+        neftune_noise_alpha=t.neftune_noise_alpha,  # transformers' hook, removed when train() returns
+        activation_offloading=t.activation_offloading and torch.cuda.is_available(),  # TRL's; CUDA streams
+        load_best_model_at_end=t.load_best and max_steps < 0,  # (a --dry-run saves no checkpoint)
+        metric_for_best_model="eval_loss" if t.load_best or t.early_stopping_patience else None,
+        greater_is_better=False,
         logging_steps=t.log_steps,
         logging_first_step=True,
         eval_strategy="steps",
@@ -159,6 +179,49 @@ class LogEverySavedStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save or control.should_training_stop:
             control.should_log = True
+
+
+class SampleReplies(TrainerCallback):
+    """At each evaluation, the model's greedy replies to a few fixed held-out prompts (stopping at <|eot_id|>):
+    appended to save_dir/samples_during_training.jsonl and logged to W&B as a table, so a researcher sees the
+    model learn to answer and to stop while it trains. Main process only; skipped when the weights are sharded
+    (FSDP/DeepSpeed: generation would need every process); a failure is one warning, once, never the run's end."""
+
+    MAX_NEW_TOKENS = 48
+
+    def __init__(self, prompts: list[tuple[list[dict], str]], save_dir: str):
+        self.prompts, self.path, self.failed = prompts, os.path.join(save_dir, "samples_during_training.jsonl"), False
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        sharded = getattr(model, "_is_fsdp_managed_module", False) or args.deepspeed or args.fsdp
+        if self.failed or not state.is_world_process_zero or sharded or model is None:
+            return
+        import time
+
+        from model_io import greedy_reply
+
+        training = model.training
+        try:
+            model.eval()
+            rows = []
+            for prompt, _ in self.prompts:
+                start = time.perf_counter()
+                reply, stopped = greedy_reply(model, processing_class, prompt, self.MAX_NEW_TOKENS)
+                rows.append({"step": state.global_step, "prompt": prompt[-1]["content"], "reply": reply,
+                             "stopped_at_eot": stopped, "generate_s": round(time.perf_counter() - start, 3)})
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            wandb = sys.modules.get("wandb")
+            if wandb is not None and wandb.run is not None:
+                columns = ["step", "prompt", "reply", "stopped_at_eot"]
+                wandb.run.log({"eval/samples": wandb.Table(columns=columns, data=[[r[c] for c in columns]
+                                                                                  for r in rows])})
+        except Exception as e:  # noqa: BLE001 (samples are a view of training, never a reason to stop it)
+            self.failed = True
+            logger.warning("samples during training failed (%s: %s); training goes on without them",
+                           type(e).__name__, e)
+        finally:
+            model.train(training)
 
 
 class WriteRunFingerprint(TrainerCallback):

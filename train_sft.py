@@ -180,15 +180,15 @@ def check_split_sizes(cfg: Config, rows: int, report) -> None:
 
 # --- trainer ----------------------------------------------------------------------------------------------------
 def build_trainer(run: Run, prepared: Prepared):
-    from model_io import load_model
+    from model_io import held_out_prompts, load_model
     from sft_report import start_summary
     from sft_trainer import (
         SFTRunTrainer,
-        WriteRunFingerprint,
         batches_ready,
         build_peft_config,
         build_sft_config,
         prefer_fast_attention,
+        run_callbacks,
     )
 
     cfg, t = run.cfg, run.cfg.sft_training
@@ -197,10 +197,12 @@ def build_trainer(run: Run, prepared: Prepared):
     model.config.pad_token_id = model.generation_config.pad_token_id = prepared.tokenizer.pad_token_id
     run_env.start_wandb(cfg, prepared.resume_from)
     train_data, eval_data = (batches_ready(prepared.split[s], t.packing, t.max_length) for s in ("train", "test"))
+    eval_head = prepared.split["test"].select(range(min(64, len(eval_data))))["messages"]
     trainer = SFTRunTrainer(
         model=model, args=build_sft_config(cfg, max_steps=run.max_steps), processing_class=prepared.tokenizer,
         data_collator=None if t.packing else prepared.collator, train_dataset=train_data, eval_dataset=eval_data,
-        callbacks=[WriteRunFingerprint(prepared.fingerprint)], peft_config=build_peft_config(t.lora),
+        callbacks=run_callbacks(cfg, prepared.fingerprint, held_out_prompts(eval_head, t.sample_prompts)),
+        peft_config=build_peft_config(t.lora),
     )
     if trainer.is_world_process_zero():
         print(start_summary(cfg, trainer, prepared.report, prepared.split, len(train_data)))
@@ -248,7 +250,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     from model_io import push_final_model, save_final_model
 
     cfg, t = run.cfg, run.cfg.sft_training
-    final_eval = trainer.evaluate() if run.mode == "dry-run" or not _just_evaluated(trainer) else {}
+    final_eval = trainer.evaluate() if run.mode == "dry-run" or t.load_best or not _just_evaluated(trainer) else {}
     try:
         save_final_model(trainer, prepared.tokenizer, t.save_dir, cfg.precision)
     except (OSError, RuntimeError) as e:  # the final save filled the disk: one line; a rerun finishes it
@@ -268,7 +270,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     sft_report.save_metrics(t.save_dir, metrics)
     print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
     print(f"  train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
-          f"eval accuracy {metrics['eval_accuracy']:.4f}")
+          f"eval accuracy {metrics['eval_accuracy']:.4f}", *sft_report.best_lines(metrics), sep="\n")
     print(contract.tidy_finished(t.save_dir, keep_checkpoints=t.keep_checkpoints))
     if t.push_to_hub:
         try:

@@ -218,7 +218,7 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
 
     from data_process_sft import CompletionOnlyCollator
     from sft_config import load_config
-    from sft_trainer import SFTRunTrainer, batches_ready, build_peft_config, build_sft_config
+    from sft_trainer import SFTRunTrainer, batches_ready, build_peft_config, build_sft_config, run_callbacks
 
     tokenizer, data = tiny_data()
     folder = Path(folder)
@@ -232,6 +232,7 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
     args = build_sft_config(cfg, max_steps=steps)
     args.eval_strategy = "no"
     args.save_strategy = "steps" if save_steps else "no"
+    args.load_best_model_at_end = bool(save_steps) and cfg.sft_training.load_best  # as a run with checkpoints
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
@@ -240,7 +241,8 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
                          data_collator=CompletionOnlyCollator(tokenizer),
                          train_dataset=batches_ready(split["train"], False, 96),
                          eval_dataset=batches_ready(split["test"], False, 96),
-                         peft_config=build_peft_config(cfg.sft_training.lora))
+                         peft_config=build_peft_config(cfg.sft_training.lora),
+                         callbacks=run_callbacks(cfg, {"tiny": True}, sample_prompts=[]))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,160 @@
+"""What researchers expect from the tools they would otherwise pick, on the tiny in-process model: the best
+checkpoint as the handoff, early stopping, replies to held-out prompts while training, NEFTune, activation
+offloading (accepted on a CPU, said not to be in effect)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sft_report
+from conftest import tiny_data, tiny_trainer, write_config
+from sft_config import ConfigError, load_config
+
+# A constant, high learning rate on the tiny model: the eval loss falls, then rises after step 14 (seed 0).
+RISING = {"learning_rate": 0.2, "lr_scheduler_type": "constant", "batch_size": 2, "eval_steps": 2}
+
+
+def evaluating_trainer(folder, steps=16, **sft):
+    trainer = tiny_trainer(folder, steps=steps, save_steps=2, **{**RISING, **sft})
+    trainer.args.eval_strategy = "steps"  # tiny_trainer turns evaluation off
+    return trainer
+
+
+def eval_losses(trainer):
+    return {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+
+
+def test_load_best_hands_off_the_checkpoint_with_the_lowest_eval_loss(tmp_path):
+    from model_io import save_final_model
+
+    trainer = evaluating_trainer(tmp_path, load_best=True)
+    trainer.train()
+    losses = eval_losses(trainer)
+    best = min(losses, key=losses.get)
+    assert best < max(losses) and losses[max(losses)] > losses[best]  # the loss rose after the best step
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+    checkpoint = load_file(tmp_path / "out" / f"checkpoint-{best}" / "model.safetensors")  # survived rotation
+    save_final_model(trainer, tiny_data()[0], str(tmp_path / "out"), "fp32")
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(saved[k], checkpoint[k]) for k in checkpoint)
+    metrics = {"global_step": 16, "best": {"step": best, "eval_loss": losses[best], "handed_off": True,
+                                           "stopped_early": False}}
+    assert sft_report.best_lines(metrics) == [f"  best eval loss {losses[best]:.4f} at step {best}; the saved "
+                                              "model is that checkpoint's (load_best)"]
+
+
+def test_early_stopping_stops_after_patience_evals_without_improvement(tmp_path):
+    trainer = evaluating_trainer(tmp_path, steps=40, load_best=True, early_stopping_patience=1)
+    trainer.train()
+    losses = eval_losses(trainer)
+    last = max(losses)
+    assert trainer.state.global_step == last < 40 and losses[last] > min(losses.values())
+    assert sft_report.stopped_early(trainer)
+
+
+def test_a_resume_keeps_the_best_so_far(tmp_path):
+    straight = evaluating_trainer(tmp_path / "straight", load_best=True)
+    straight.train()
+    first = evaluating_trainer(tmp_path / "resumed", steps=10, load_best=True)
+    first.train()
+    second = evaluating_trainer(tmp_path / "resumed", load_best=True)
+    second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-10"))
+    assert second.state.best_metric == pytest.approx(straight.state.best_metric, rel=1e-6)
+    assert second.state.best_model_checkpoint.rsplit("-", 1)[1] == straight.state.best_model_checkpoint.rsplit("-")[-1]
+
+
+def test_samples_while_training_are_written_at_each_eval_and_never_fail_the_run(tmp_path, monkeypatch):
+    from sft_trainer import SampleReplies
+
+    prompts = [([{"role": "user", "content": f"Question {i}?"}], "ref") for i in range(2)]
+    trainer = evaluating_trainer(tmp_path, steps=4)
+    trainer.add_callback(SampleReplies(prompts, str(tmp_path / "out")))
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples_during_training.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, f"Question {i}?") for s in (2, 4) for i in range(2)]
+    assert all(isinstance(r["reply"], str) and isinstance(r["stopped_at_eot"], bool) for r in rows)
+
+    import model_io
+
+    monkeypatch.setattr(model_io, "greedy_reply", lambda *a: 1 / 0)
+    failing = evaluating_trainer(tmp_path / "failing", steps=4)
+    failing.add_callback(SampleReplies(prompts, str(tmp_path / "failing" / "out")))
+    failing.train()  # the run finishes
+    assert failing.state.global_step == 4 and not (tmp_path / "failing" / "out" /
+                                                   "samples_during_training.jsonl").exists()
+
+
+def test_neftune_trains_with_noise_and_leaves_no_hook_in_the_saved_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from model_io import save_final_model
+
+    trainer = tiny_trainer(tmp_path, steps=3, neftune_noise_alpha=5.0)
+    assert trainer.args.neftune_noise_alpha == 5.0
+    trainer.train()
+    embeddings = trainer.model.get_input_embeddings()
+    assert not embeddings._forward_hooks  # transformers removes its hook when train() returns
+    save_final_model(trainer, tiny_data()[0], str(tmp_path / "out"), "fp32")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([tiny_data()[1][0]["input_ids"][:30]])
+    trainer.model.train(), reloaded.train()  # NEFTune's noise acts in training mode only
+    with torch.no_grad():
+        assert torch.allclose(trainer.model(ids).logits, reloaded(ids).logits, atol=1e-5)
+
+
+def test_activation_offloading_is_accepted_on_a_cpu_and_said_not_to_be_in_effect(tmp_path, base_model_dir):
+    from sft_report import extras_line
+    from sft_trainer import build_sft_config
+
+    cfg = load_config(str(write_config(tmp_path, base_model_dir, activation_offloading=True)))
+    assert build_sft_config(cfg).activation_offloading is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert "activation offloading requested, NOT in effect (it needs a CUDA GPU)" in extras_line(cfg.sft_training)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("load_best", "yes please", "sft_training.load_best: expected true or false"),
+    ("early_stopping_patience", 0, "sft_training.early_stopping_patience: must be at least 1"),
+    ("sample_prompts", -1, "sft_training.sample_prompts: must be at least 0"),
+    ("neftune_noise_alpha", 0, "sft_training.neftune_noise_alpha: must be greater than 0"),
+    ("activation_ofloading", True, "unknown key 'activation_ofloading' in 'sft_training' (did you mean "
+                                   "'activation_offloading'?)")])
+def test_the_new_keys_are_validated_by_name(tmp_path, base_model_dir, key, value, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(str(write_config(tmp_path, base_model_dir, **{key: value})))
+    assert str(error.value).startswith(message)
+
+
+def test_load_best_needs_a_checkpoint_at_evaluations(tmp_path, base_model_dir):
+    import run_env
+
+    cfg = load_config(str(write_config(tmp_path, base_model_dir, load_best=True, eval_steps=20, save_steps=50)))
+    with pytest.raises(ConfigError, match=r"save_steps \(50\) must be a multiple of eval_steps \(20\)"):
+        run_env.check_before_loading(cfg)
+
+
+def test_the_fingerprint_covers_what_changes_training(tmp_path, base_model_dir):
+    import save_dir_contract
+
+    report = type("Report", (), {"rows_kept": 3, "tokens": 9})()
+    plain = load_config(str(write_config(tmp_path, base_model_dir)))
+    noisy = load_config(str(write_config(tmp_path, base_model_dir, neftune_noise_alpha=5, early_stopping_patience=2,
+                                         load_best=True, sample_prompts=0)))
+    a, b = (save_dir_contract.run_fingerprint(c, report, "d", 1) for c in (plain, noisy))
+    changed = {k for k in a if a[k] != b[k]}
+    assert changed == {"sft_training.neftune_noise_alpha", "sft_training.early_stopping_patience"}
+
+
+def test_the_keys_reach_the_trainers_arguments(tmp_path, base_model_dir):
+    from sft_trainer import build_sft_config
+
+    cfg = load_config(str(write_config(tmp_path, base_model_dir, load_best=True, neftune_noise_alpha=5)))
+    args = build_sft_config(cfg)
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss" and not args.greater_is_better
+    assert args.neftune_noise_alpha == 5
+    assert not build_sft_config(cfg, max_steps=10).load_best_model_at_end  # --dry-run saves no checkpoint
+    patient = load_config(str(write_config(tmp_path, base_model_dir, early_stopping_patience=2)))
+    assert build_sft_config(patient).metric_for_best_model == "eval_loss"
+    assert not build_sft_config(patient).load_best_model_at_end
