@@ -279,6 +279,8 @@ def start_wandb(cfg: Config, resume_from: str | None) -> None:
     except Exception as e:  # noqa: BLE001 (network, auth or server trouble: keep training, log offline)
         print(f"W&B unreachable ({type(e).__name__}), logging offline; {sync_hint}")
         os.environ["WANDB_MODE"] = "offline"
+        with contextlib.suppress(Exception):  # the failed attempt can still hold the run id in this process's
+            wandb.teardown()  # W&B service: the offline retry was refused with "run ID ... is in use"
         run = wandb.init(**init, mode="offline")
     with open(id_file, "w", encoding="utf-8") as f:
         f.write(run.id)

@@ -226,7 +226,7 @@ def test_the_tests_keep_wandb_runs_out_of_the_repo():
 PRINTED_COMMANDS = ["hf auth login", "hf upload", "hf download", "wandb login", "wandb sync", "accelerate launch"]
 
 
-@pytest.mark.cli
+@pytest.mark.slow
 @pytest.mark.parametrize("command", PRINTED_COMMANDS)
 def test_every_command_a_message_prints_exists_in_the_installed_environment(command):
     import shutil

@@ -126,7 +126,7 @@ def test_readiness_refuses_an_unreadable_report_in_one_line(tmp_path, base_model
         contract.finished_run(str(out), cfg)
 
 
-@pytest.mark.cli
+@pytest.mark.slow
 def test_readiness_never_replaces_the_report_with_an_empty_one(tmp_path, base_model_dir):
     chosen_only = tmp_path / "chosen.jsonl"
     chosen_only.write_text("".join(json.dumps({"chosen": json.loads(line)["chosen"]}) + "\n"
@@ -260,6 +260,7 @@ def test_the_seed_reaches_the_length_sampler(tmp_path):
     assert list(sampler) != list(ConversationLengthSampler(lengths, 4, seed=42))
 
 
+@pytest.mark.slow
 def test_the_train_loss_after_a_resume_covers_every_step_with_log_steps_above_one(tmp_path):
     """A checkpoint at a step that is not a logging step (4, log_steps 3) keeps that step's loss, so the train loss
     of an interrupted run equals an uninterrupted one's."""

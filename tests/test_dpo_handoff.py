@@ -169,10 +169,11 @@ sys.exit(code)
 """
 
 
-@pytest.mark.cli
+@pytest.mark.slow
 def test_a_kill_at_every_write_of_install_or_uninstall_is_finished_or_undone_by_the_next_call(tmp_path):
     """Case 3: each rename or removal of install (and of uninstall) killed before and after it happens; the next
-    `install` leaves the tree fully installed, the next `uninstall` leaves it byte-identical to the original."""
+    `install` leaves the tree fully installed, the next `uninstall` leaves it byte-identical to the original (each
+    kill is followed by one of the two, alternately; the property test below combines them all in process)."""
     script = tmp_path / "killed.py"
     script.write_text(KILL.format(repo=str(REPO)))
 
@@ -188,14 +189,13 @@ def test_a_kill_at_every_write_of_install_or_uninstall_is_finished_or_undone_by_
     assert writes >= 10 and undo_writes >= 9  # the record twice and every file
     cases = [(command, at, when) for command, total in (("install", writes), ("uninstall", undo_writes))
              for at in range(1, total + 1) for when in ("before", "after")]
-    for i, (command, at, when) in enumerate(cases):
-        for recovery in ("install", "uninstall"):
-            repo = make_repo(tmp_path / f"{i}-{recovery}") if command == "install" else \
-                make_installed(tmp_path / f"{i}-{recovery}")
-            assert run(repo, at, when, command).returncode == 137
-            finished = run(repo, 0, "never", recovery)
-            assert finished.returncode == 0, (command, at, when, finished.stderr)
-            assert snapshot(repo) == (installed if recovery == "install" else original), (command, at, when)
+    for i, (command, at, when) in enumerate(cases):  # each kill recovered by the next install or uninstall, in turn
+        recovery = ("install", "uninstall")[i % 2]
+        repo = make_repo(tmp_path / str(i)) if command == "install" else make_installed(tmp_path / str(i))
+        assert run(repo, at, when, command).returncode == 137
+        finished = run(repo, 0, "never", recovery)
+        assert finished.returncode == 0, (command, at, when, finished.stderr)
+        assert snapshot(repo) == (installed if recovery == "install" else original), (command, at, when)
 
 
 def make_installed(folder):

@@ -218,7 +218,7 @@ def test_preflight_failures_are_one_line_exit_2(tmp_path, base_model_dir, case):
     elif case == "finished_model":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "model.safetensors").write_bytes(b"x")
-        (tmp_path / "out" / "metrics.json").write_text("{}")
+        (tmp_path / "out" / "metrics.json").write_text('{"tokens_trained": 1}')  # ours
     config = write_config(tmp_path, base_model_dir, **sft)
     if case in ("no_chosen", "empty"):
         data = tmp_path / "data.jsonl"

@@ -26,6 +26,7 @@ def eval_losses(trainer):
     return {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
 
 
+@pytest.mark.slow
 def test_load_best_hands_off_the_checkpoint_with_the_lowest_eval_loss(tmp_path):
     from model_io import save_final_model
 
@@ -45,6 +46,7 @@ def test_load_best_hands_off_the_checkpoint_with_the_lowest_eval_loss(tmp_path):
                                               "model is that checkpoint's (load_best)"]
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_after_patience_evals_without_improvement(tmp_path):
     trainer = evaluating_trainer(tmp_path, steps=40, load_best=True, early_stopping_patience=1)
     trainer.train()
@@ -54,6 +56,7 @@ def test_early_stopping_stops_after_patience_evals_without_improvement(tmp_path)
     assert sft_report.stopped_early(trainer)
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_the_best_so_far(tmp_path):
     straight = evaluating_trainer(tmp_path / "straight", load_best=True)
     straight.train()
@@ -65,6 +68,7 @@ def test_a_resume_keeps_the_best_so_far(tmp_path):
     assert second.state.best_model_checkpoint.rsplit("-", 1)[1] == straight.state.best_model_checkpoint.rsplit("-")[-1]
 
 
+@pytest.mark.slow
 def test_samples_while_training_are_written_at_each_eval_and_never_fail_the_run(tmp_path, monkeypatch):
     from sft_trainer import SampleReplies
 
@@ -86,6 +90,7 @@ def test_samples_while_training_are_written_at_each_eval_and_never_fail_the_run(
                                                    "samples_during_training.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_neftune_trains_with_noise_and_leaves_no_hook_in_the_saved_model(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -131,6 +131,7 @@ def test_lora_trains_only_the_adapter_and_saves_base_plus_adapter_merged(tiny, t
         assert (base.model.eval()(ids).logits - adapted).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_the_fast_training_loss_trains_exactly_what_trls_loss_trained(tiny, tmp_path):
     """Speed must not change what is trained: 20 steps of the default path (no attention mask for right-padded
     batches, TRL's metrics kept on the device until a logging step) against TRL's compute_loss with the mask, same
