@@ -15,8 +15,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 # 1. Throughput, Llama-3.2-1B shape: baseline, the default, packing, the same-batches hand loop (limit), the
 #    fixed-shape mask-free ceiling (math), the levers (Liger, pad to 64, torch.compile), LoRA; per mode ops/step,
 #    syncs/step, shapes; then each mode's profile (top ops by CPU and CUDA time, GPU busy share) in $OUT/profile_*.txt
-timeout 420 python bench/throughput.py --model-shape llama-3.2-1b --conversations "${CONVERSATIONS:-1024}" \
-  --modes "${MODES:-baseline,ours,limit,math,packing,ours+pad64,ours+compile,ours+liger,lora}" \
+timeout 540 python bench/throughput.py --model-shape llama-3.2-1b --conversations "${CONVERSATIONS:-1024}" \
+  --modes "${MODES:-baseline,ours,limit,math,packing,ours+pad64,ours+compile,ours+liger,ours+offload,lora}" \
   --profile-out /tmp/profiles 2>&1 | tee "$OUT/throughput.log" | tail -16
 cat /tmp/profiles/profile_*.txt > "$OUT/profiles.txt"  # one file: the device tool brings back at most 8
 [ "${END_TO_END:-0}" = 1 ] || exit 0  # the end-to-end runs below passed on the H100 (2026-11-26): END_TO_END=1

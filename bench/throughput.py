@@ -10,8 +10,9 @@ SFTTrainer setup train_sft.py builds (but `limit`). Only the batching differs:
   baseline  random batches padded to the longest (the plan's and the DPO repo's setup), same masks
   ours      the default path: length-grouped batches (sft_trainer.ConversationLengthSampler)
   packing   `packing: true`: TRL's best-fit-decreasing packing, padding-free
-  ours+liger, ours+pad64, ours+compile   ours with use_liger_kernel, with batches padded to a multiple of 64
-            (fewer distinct shapes), with torch_compile: levers to measure on a GPU
+  ours+liger, ours+pad64, ours+compile, ours+offload   ours with use_liger_kernel, with batches padded to a
+            multiple of 64 (fewer distinct shapes), with torch_compile, with activation_offloading (peak memory
+            vs tok/s): levers to measure on a GPU
   lora      ours with `lora: {}` (r 16 on every projection; base weights in the run precision, as train_sft.py
             loads them for LoRA): step time and peak memory beside full fine-tuning
   limit     no Trainer: a hand-written loop (forward through TRL's fused LM head, backward, clip, fused AdamW)
@@ -203,7 +204,7 @@ def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool, profiler):
             batch_size=batch_size, max_length=args.max_length, epochs=1, warmup_steps=0, packing=packing,
             wandb_project=None, save_dir=str(Path(os.environ["BENCH_DATA"]).parent / f"out-{mode}"),
             log_steps=10_000, eval_steps=10_000, save_steps=10_000, use_liger_kernel=mode.endswith("+liger"),
-            torch_compile=mode.endswith("+compile"),
+            torch_compile=mode.endswith("+compile"), activation_offloading=mode.endswith("+offload"),
             gradient_checkpointing=False, readiness_pairs=0, lora=LoraSettings() if mode == "lora" else None))
     sft_config = build_sft_config(cfg)
     sft_config.eval_strategy = sft_config.save_strategy = "no"

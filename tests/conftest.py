@@ -110,7 +110,10 @@ def write_config(folder, base_model_dir, *, subset="train[:64]", val_ratio=0.2, 
 
 def cli_env(**extra):
     """The environment of a CLI run: offline W&B, no credentials from the developer's shell."""
-    base = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "HF_TOKEN")}
+    # WANDB_SERVICE: a W&B service started in the test process (in-process tests) would be shared by every child
+    # run, which then sees an earlier child's unfinished run id as "in use"
+    drop = ("WANDB_MODE", "WANDB_API_KEY", "HF_TOKEN", "WANDB_SERVICE")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     return {**base, "WANDB_MODE": "offline", **extra}
 
 

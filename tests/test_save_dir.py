@@ -60,7 +60,7 @@ def test_the_nan_advice_works_lower_learning_rate_and_run_the_same_command(tmp_p
 
     config.write_text(config.read_text().replace("learning_rate: 0.05", "learning_rate: 0.001"))
     second = run_cli("--config", str(config), cwd=tmp_path, script=str(script), env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, second.stdout[-1500:] + second.stderr[-3000:]
     run_id = (tmp_path / "out" / "wandb_run_id").read_text()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # the resume continued the run
