@@ -414,8 +414,9 @@ class CompletionOnlyCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         ids = [e["input_ids"] for e in examples]
         labels = [e["labels"] for e in examples] if "labels" in examples[0] else self.labels_for(ids)
-        width = max(map(len, ids))  # from the Python lengths: no tensor read back
-        lengths = torch.tensor([len(r) for r in ids])
+        sizes = [len(r) for r in ids]
+        width = max(sizes)  # from the Python lengths: no tensor read back
+        lengths = torch.tensor(sizes)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         return {

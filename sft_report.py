@@ -16,7 +16,7 @@ import sys
 from data_process_sft import read_columns
 from model_io import greedy_reply, held_out_prompts
 from run_env import sharding_requested, size
-from save_dir_contract import write_whole
+from save_dir_contract import checkpoint_step, write_whole
 from sft_config import Config
 
 
@@ -35,8 +35,7 @@ def start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> str
             f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
             f"gradient_accumulation {t.gradient_accumulation} x {world} process(es)\n"
             f"  schedule: learning_rate {args.learning_rate:g} ({t.lr_scheduler_type}, warmup {args.warmup_steps} "
-            f"steps), "
-            f"epochs {t.epochs:g}, ~{steps} optimizer steps of {global_batch}\n"
+            f"steps), epochs {t.epochs:g}, ~{steps} optimizer steps of {global_batch}\n"
             f"  parallel: {parallel_mode(trainer)}\n"
             f"  {training_mode(trainer, t.lora)}\n"
             f"{extras_line(t)}"
@@ -129,7 +128,7 @@ def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runti
     }
     if trainer.args.metric_for_best_model:  # load_best / early_stopping_patience: which eval was best
         best = trainer.state.best_model_checkpoint
-        metrics["best"] = {"step": int(best.rsplit("-", 1)[-1]) if best else None,
+        metrics["best"] = {"step": checkpoint_step(best) if best else None,
                            "eval_loss": trainer.state.best_metric, "handed_off": t.load_best,
                            "stopped_early": stopped_early(trainer)}
     return metrics

@@ -225,7 +225,7 @@ class SampleReplies(TrainerCallback):
 
 
 class WriteRunFingerprint(TrainerCallback):
-    """Each checkpoint records the settings that define the run (run_env.run_fingerprint), so a resume under
+    """Each checkpoint records the settings that define the run (save_dir_contract.run_fingerprint), so a resume under
     other ones is refused instead of silently mixing two runs."""
 
     def __init__(self, fingerprint: dict):

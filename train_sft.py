@@ -139,9 +139,9 @@ def prepare(run: Run) -> Prepared:
     error = None
     with state.main_process_first():
         try:
-            finished = contract.finished_run(t.save_dir, cfg) if run.mode == "readiness" else None
+            finished = resume_from = None
             if run.mode == "readiness":
-                resume_from = None
+                finished = contract.finished_run(t.save_dir, cfg)
             elif state.is_main_process:
                 resume_from = contract.prepare_save_dir(t.save_dir, overwrite=run.overwrite, epochs=t.epochs)
                 run_env.check_disk_space(cfg)
