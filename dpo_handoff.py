@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from handoff_record import RECORD, RecordError, apply, original_bytes, read_record, remove_leftovers
+from handoff_record import RECORD, RecordError, Scope, apply, locked, original_bytes, read_record, remove_leftovers
 from hh_sft_dpo import build_dpo_pairs, dpo_length_args
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +42,12 @@ MARK = "# hh-sft handoff"
 # becomes a pointer to ours.
 COPIED = ("hh_sft_dpo.py", "data_process_sft.py", "sft_config.py", "run_env.py", "model_io.py",
           "save_dir_contract.py")
+UPSTREAM = ("training.py", "risk_dpo_trainer.py", "train_sft.py", "data_process_sft.py", "config_dpo.yaml")
+# Every file a handoff with a record (since bf9780c) touched: a record naming any other path, or marking one of
+# upstream's files "added", was not written by this tool and is refused before anything is read from it.
+SCOPE = Scope(known=frozenset([*UPSTREAM[:4], *COPIED]), addable=frozenset(set(COPIED) - set(UPSTREAM)))
+# What the handoff before the record (90b27bd..f9b130a) added: its copies and NAME.hh-sft-backup files
+OLDER_ADDED = ("dpo_handoff.py", "sft_readiness.py", "sft_config.py", "run_env.py", "model_io.py")
 
 
 class HandoffError(Exception):
@@ -144,9 +150,10 @@ class RepoFile:
         return spans
 
 
-def _require_repo(repo: Path) -> None:
-    for name in ("training.py", "risk_dpo_trainer.py", "config_dpo.yaml"):
-        if not (repo / name).is_file():
+def _require_repo(repo: Path, recorded=()) -> None:
+    """Refuse a folder without upstream's files (those a handoff record names are checked against the record)."""
+    for name in UPSTREAM:
+        if name not in recorded and not (repo / name).is_file():
             raise HandoffError(f"{repo} is not a dynamic-dpo-v1 checkout (no {name})")
 
 
@@ -171,18 +178,22 @@ def _refuse_unknown(repo: Path, states: dict[Edit, str]) -> None:
 
 
 def _older_install(repo: Path, names: list[str]) -> HandoffError:
+    """The refusal for a repo changed by the handoff before the record, with every file it left to remove."""
+    left = [name for name in OLDER_ADDED if (repo / name).is_file()]
+    left += sorted(p.name for p in repo.glob("*.hh-sft-backup"))
+    remove = f" && rm {' '.join(left)}" if left else ""
     return HandoffError(
         f"{', '.join(names)} in {repo} carry lines marked '{MARK}' but there is no handoff record ({RECORD}): an "
-        f"older dpo_handoff.py changed them. Put the repo's files back first (git checkout -- training.py "
-        f"risk_dpo_trainer.py train_sft.py data_process_sft.py, or the NAME.hh-sft-backup copies it left), then "
-        f"rerun; nothing was changed")
+        f"older dpo_handoff.py changed them. Put the repo back first (in {repo}: git checkout -- training.py "
+        f"risk_dpo_trainer.py train_sft.py data_process_sft.py{remove}), then rerun; nothing was changed")
 
 
 def install_targets(repo: Path, source: Path) -> dict[str, bytes | None]:
     """Every file install writes, with its bytes: EDITS applied to the repo's original files (as the record keeps
     them after an earlier install), our modules from `source`, the pointer; files an earlier install added that this
     one no longer needs go back to what they were (None)."""
-    _require_repo(repo)
+    record = read_record(repo, SCOPE)
+    _require_repo(repo, record.entries)
     if source.resolve() == repo.resolve():
         raise HandoffError(f"run install from the hh-sft checkout (python /path/to/hh-sft/dpo_handoff.py install "
                            f"--dpo-repo {repo}), not from a copy inside the DPO repo; nothing was changed")
@@ -190,7 +201,6 @@ def install_targets(repo: Path, source: Path) -> dict[str, bytes | None]:
     if missing:
         raise HandoffError(f"{source} lacks {', '.join(missing)}: run install from a whole hh-sft checkout; "
                            "nothing was changed")
-    record = read_record(repo)
     targets: dict[str, bytes | None] = {}
     for name in EDITED:
         file = RepoFile(name, original_bytes(repo, name, record))
@@ -210,7 +220,8 @@ INSTALL_WORDS = {"added": "added", "updated": "updated", "removed": "removed (no
 
 
 def install(repo: Path, source: Path = HERE, discard_changes: bool = False) -> int:
-    outcome = apply(repo, install_targets(repo, source), discard_changes=discard_changes)
+    with locked(repo):
+        outcome = apply(repo, install_targets(repo, source), SCOPE, discard_changes=discard_changes)
     if not outcome.changed and not outcome.resumed:
         print(f"already installed in {repo}: nothing changed")
         return 0
@@ -228,17 +239,18 @@ def install(repo: Path, source: Path = HERE, discard_changes: bool = False) -> i
 
 
 def uninstall(repo: Path, discard_changes: bool = False) -> int:
-    _require_repo(repo)
-    record = read_record(repo)
-    if record.empty:
-        marked = [name for name in EDITED if MARK.encode() in (repo / name).read_bytes()]
-        if marked:
-            raise _older_install(repo, marked)
-        left = remove_leftovers(repo)
-        print(f"nothing installed in {repo} (no handoff record {RECORD}): nothing touched"
-              + (f" but a temporary file a killed install left ({', '.join(left)})" if left else ""))
-        return 0
-    outcome = apply(repo, dict.fromkeys(record.entries), discard_changes=discard_changes)
+    with locked(repo):
+        record = read_record(repo, SCOPE)
+        if record.empty:
+            _require_repo(repo)
+            marked = [name for name in EDITED if MARK.encode() in (repo / name).read_bytes()]
+            if marked:
+                raise _older_install(repo, marked)
+            left = remove_leftovers(repo)
+            print(f"nothing installed in {repo} (no handoff record {RECORD}): nothing touched"
+                  + (f" but a temporary file a killed install left ({', '.join(left)})" if left else ""))
+            return 0
+        outcome = apply(repo, dict.fromkeys(record.entries), SCOPE, discard_changes=discard_changes)
     print(f"Uninstalled the hh-sft DPO handoff from {repo}:")
     if outcome.resumed:
         print("  (an interrupted install or uninstall was found in the record: undone)")

@@ -10,22 +10,38 @@ what was changed. With it:
   next call, install or undo, starts from the record and finishes the job;
 - undo removes exactly what was added and restores exactly what was changed, only where the file still holds bytes
   we wrote; a file changed since is named and nothing is undone unless the caller discards those changes;
-- with no record there is nothing to undo, and nothing is touched.
+- with no record there is nothing to undo, and nothing is touched;
+- the record lives in a repository someone else may have written, so it is read as untrusted input: checked whole
+  (version, shape, every path one of the files this change knows, "added" only for files it adds, every stored
+  original matching its sha256) before anything is read from it;
+- one change at a time: `locked` holds an exclusive lock on the repository for the whole change, and temporary
+  files are created exclusively (never written through an existing path or link).
 Only `apply` and `remove_leftovers` write or delete in that repository.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import stat
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 RECORD = ".hh-sft-handoff.json"
+TOOL = "hh-sft dpo_handoff.py"
+VERSION = 1  # records written before the version field existed have this shape too
 TEMPORARY = ".hh-sft-tmp"  # suffix of our temporary files: `.NAME.hh-sft-tmp` beside NAME
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+GET_OUT = (f"to get out: restore the repo's files (git checkout -- <file>) and delete {RECORD}; nothing was "
+           "changed")
 
 
 class RecordError(Exception):
@@ -34,6 +50,15 @@ class RecordError(Exception):
 
 def digest(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The files a change may touch (plain names at the repository's root): `addable` ones it may add where they
+    are absent; any of `known` it may change. A record naming anything else is refused."""
+
+    known: frozenset[str]
+    addable: frozenset[str]
 
 
 @dataclass
@@ -55,10 +80,35 @@ class Entry:
                 "written_sha256": self.written, "original_base64": original}
 
     @classmethod
-    def from_json(cls, data: dict) -> Entry:
-        original = data["original_base64"]
-        return cls(data["before_sha256"], None if original is None else base64.b64decode(original),
-                   list(data["written_sha256"]))
+    def from_json(cls, name: str, data, scope: Scope) -> Entry:
+        """An entry of the record, checked: refused (ValueError saying why) unless it is one this tool writes."""
+        if not isinstance(data, dict) or set(data) != {"action", "before_sha256", "written_sha256",
+                                                       "original_base64"}:
+            raise ValueError(f"entry {name!r} is not an object with action, before_sha256, written_sha256, "
+                             "original_base64")
+        action, before, written, original = (data[k] for k in ("action", "before_sha256", "written_sha256",
+                                                               "original_base64"))
+        if action not in ("added", "changed"):
+            raise ValueError(f"entry {name!r}: action {action!r} is neither 'added' nor 'changed'")
+        if action == "added" and name not in scope.addable:
+            raise ValueError(f"entry {name!r} is marked 'added' but the handoff never adds that file (it exists "
+                             "in the repository before any install)")
+        if not isinstance(written, list) or not all(isinstance(h, str) and SHA256.match(h) for h in written):
+            raise ValueError(f"entry {name!r}: written_sha256 is not a list of sha256 hex digests")
+        if action == "added":
+            if before is not None or original is not None:
+                raise ValueError(f"entry {name!r} is 'added' but carries original bytes")
+            return cls(None, None, list(written))
+        if not isinstance(before, str) or not SHA256.match(before) or not isinstance(original, str):
+            raise ValueError(f"entry {name!r} is 'changed' but lacks its before_sha256 or original_base64")
+        try:
+            data_before = base64.b64decode(original, validate=True)
+        except binascii.Error:
+            raise ValueError(f"entry {name!r}: original_base64 is not base64") from None
+        if digest(data_before) != before:
+            raise ValueError(f"entry {name!r}: the stored original does not match its before_sha256 (it is not "
+                             "the file as it was)")
+        return cls(before, data_before, list(written))
 
 
 @dataclass
@@ -73,20 +123,62 @@ class Record:
         return not self.entries
 
 
-def read_record(repo: Path) -> Record:
-    """The repository's record; an empty one when there is none."""
+def read_record(repo: Path, scope: Scope) -> Record:
+    """The repository's record, checked whole before anything is taken from it; an empty one when there is none."""
     path = repo / RECORD
     if path.is_symlink():
-        raise RecordError(f"{path} is a symbolic link: not a record this tool wrote; nothing was changed")
+        raise RecordError(f"{path} is a symbolic link: not a record this tool wrote; {GET_OUT}")
     if not path.exists():
         return Record()
+    if not path.is_file():
+        raise RecordError(f"{path} is not a file: not a record this tool wrote; {GET_OUT}")
     try:
-        data = json.loads(path.read_bytes())
-        return Record({name: Entry.from_json(entry) for name, entry in data["files"].items()},
-                      data["state"] == "pending")
-    except (ValueError, KeyError, TypeError) as e:
-        raise RecordError(f"{path} cannot be read ({type(e).__name__}: {e}); it says what the handoff changed: "
-                          "restore it (e.g. from git) or undo the changes by hand; nothing was changed") from None
+        return _parse(json.loads(path.read_bytes()), scope)
+    except (ValueError, RecursionError) as e:
+        raise RecordError(f"{path} is not a record this tool wrote ({str(e).splitlines()[0]}); {GET_OUT}") from None
+    except OSError as e:
+        raise RecordError(f"{path} cannot be read ({e.strerror}); nothing was changed") from None
+
+
+def _parse(data, scope: Scope) -> Record:
+    """The record from its JSON, refused (ValueError saying why) unless its version, shape and every path are ones
+    this tool writes for `scope`."""
+    if not isinstance(data, dict) or data.get("tool") != TOOL:
+        raise ValueError(f"no \"tool\": \"{TOOL}\"")
+    if data.get("version", VERSION) != VERSION:
+        raise ValueError(f"version {data['version']!r}; this tool reads version {VERSION}")
+    if data.get("state") not in ("pending", "installed"):
+        raise ValueError(f"state {data.get('state')!r} is neither 'pending' nor 'installed'")
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("'files' is not an object of file name -> entry")
+    for name in files:
+        if name not in scope.known:
+            where = ("a path outside the repository" if os.path.isabs(name) or ".." in Path(name).parts else
+                     "not one of the files the handoff touches")
+            raise ValueError(f"entry {name!r}: {where}")
+    return Record({name: Entry.from_json(name, entry, scope) for name, entry in files.items()},
+                  data["state"] == "pending")
+
+
+@contextlib.contextmanager
+def locked(repo: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the repository (a flock on its folder: no file is added there, and the kernel drops
+    it when the process dies) for one change; a second change waits for it, saying so."""
+    try:
+        handle = os.open(repo, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise RecordError(f"{repo} cannot be opened ({e.strerror}); nothing was changed") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting: another dpo_handoff.py install or uninstall is changing {repo}", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def original_bytes(repo: Path, name: str, record: Record) -> bytes | None:
@@ -107,18 +199,27 @@ class Outcome:
         return any(action != "unchanged" for action in self.actions.values())
 
 
-def apply(repo: Path, targets: dict[str, bytes | None], *, discard_changes: bool = False) -> Outcome:
+def apply(repo: Path, targets: dict[str, bytes | None], scope: Scope, *, discard_changes: bool = False) -> Outcome:
     """Make each file named in `targets` hold its bytes (None: as it was before us), as one recorded transaction.
+    Call it under `locked(repo)`.
 
     Refuses (RecordError, nothing written) when a path is unsafe to write, or holds bytes that are neither its
-    original nor ours (someone changed it since we wrote it), unless `discard_changes`."""
-    record = read_record(repo)
+    original nor ours (someone changed or deleted it since we wrote it), unless `discard_changes` (a deleted file
+    we changed is then put back as it was before us)."""
+    assert set(targets) <= scope.known, sorted(set(targets) - scope.known)
+    record = read_record(repo, scope)
     current = {name: _checked(repo, name) for name in targets}
-    foreign = sorted(name for name, data in current.items()
-                     if name in record.entries and not _ours_or_original(record.entries[name], data))
+    for name in [*targets, RECORD]:
+        _check_temporary(repo / name)
+    foreign = {name: data for name, data in current.items()
+               if name in record.entries and not _ours_or_original(record.entries[name], data)}
     if foreign and not discard_changes:
-        raise RecordError(f"changed since the handoff wrote them: {', '.join(foreign)} (in {repo}); nothing was "
-                          "changed: keep your edits elsewhere, then rerun with --discard-changes")
+        deleted = sorted(name for name, data in foreign.items() if data is None)
+        edited = sorted(name for name, data in foreign.items() if data is not None)
+        said = "; ".join([*([f"changed since the handoff wrote them: {', '.join(edited)}"] if edited else []),
+                          *([f"deleted since the handoff wrote them: {', '.join(deleted)}"] if deleted else [])])
+        raise RecordError(f"{said} (in {repo}); nothing was changed: keep your edits elsewhere, then rerun with "
+                          "--discard-changes (a deleted file is put back as it was before the handoff)")
     remove_leftovers(repo, targets)
     entries = {name: record.entries.get(name) or Entry(digest(data), data) for name, data in current.items()}
     final = {name: entries[name].original if data is None else data for name, data in targets.items()}
@@ -146,7 +247,8 @@ def apply(repo: Path, targets: dict[str, bytes | None], *, discard_changes: bool
 
 
 def remove_leftovers(repo: Path, names=()) -> list[str]:
-    """Remove the temporary files a kill left beside the record and beside `names` (ours by their name)."""
+    """Remove the temporary files a kill left beside the record and beside `names` (ours by their name; a link or
+    a folder at that name is not ours and stays)."""
     removed = []
     for name in [*names, RECORD]:
         leftover = _temporary(repo / name)
@@ -154,6 +256,15 @@ def remove_leftovers(repo: Path, names=()) -> list[str]:
             os.unlink(leftover)
             removed.append(leftover.name)
     return removed
+
+
+def _check_temporary(path: Path) -> None:
+    """Refuse when something other than a leftover of ours (a regular file) sits where our temporary file goes."""
+    temporary = _temporary(path)
+    if temporary.is_symlink() or (temporary.exists() and not temporary.is_file()):
+        kind = "a symbolic link" if temporary.is_symlink() else "not a regular file"
+        raise RecordError(f"{temporary} is {kind}: the handoff writes its temporary files there and never through "
+                          "a link; remove it, then rerun; nothing was changed")
 
 
 def _action(entry: Entry | None, now: bytes | None, final: bytes | None) -> str:
@@ -200,9 +311,11 @@ def _temporary(path: Path) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes, like: Path | None = None) -> None:
-    """Write `data` to a temporary file beside `path` (mode of `like` when given), then rename it over `path`."""
+    """Write `data` to a temporary file beside `path` (created exclusively, never through a link; the mode of
+    `like` when given, else the umask's), flushed to disk, then renamed over `path`."""
     temporary = _temporary(path)
-    with open(temporary, "wb") as f:
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    with open(handle, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -217,6 +330,6 @@ def _write_atomic(path: Path, data: bytes, like: Path | None = None) -> None:
 
 
 def _write_record(repo: Path, record: Record) -> None:
-    data = {"tool": "hh-sft dpo_handoff.py", "state": "pending" if record.pending else "installed",
+    data = {"tool": TOOL, "version": VERSION, "state": "pending" if record.pending else "installed",
             "files": {name: entry.to_json() for name, entry in sorted(record.entries.items())}}
     _write_atomic(repo / RECORD, (json.dumps(data, indent=1) + "\n").encode())
