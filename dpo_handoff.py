@@ -272,14 +272,22 @@ def check(repo: Path, model_dir: Path, data: str, rows: int, batch_size: int, re
     `rows` rows of `data`, and compare the log-probs it passes to its DPO loss with the SFT computation."""
     state, max_len = repo_state(repo), _dpo_max_len(repo)
     _require_model_folder(model_dir)
+    if report_path and report_path.is_dir():
+        raise HandoffError(f"--report {report_path} is a folder: name the JSON file to write, e.g. "
+                           f"{report_path / 'check.json'}")
     if report_path and not os.access(report_path.parent, os.W_OK):
         raise HandoffError(f"--report {report_path}: its folder does not exist or is not writable")
-    _require_dpo_stack()
     _quiet_libraries()
     raw = _read_rows(data, rows)
+    if missing := [c for c in ("chosen", "rejected") if c not in raw.column_names]:
+        raise HandoffError(f"--data {data}: its rows have no {' or '.join(repr(c) for c in missing)} field "
+                           f"(columns: {', '.join(raw.column_names)}); check scores preference pairs: rows with "
+                           "'chosen' and 'rejected'")
+    _require_dpo_stack()
     tokenizer = _load_tokenizer(model_dir)
     sys.path.append(str(repo))  # the repo's data and trainer modules; ours come first on the path
     pairs = _pairs(state, raw, tokenizer, max_len)
+    _check_vocabulary(model_dir, tokenizer, pairs)
     if not pairs["compared"]:  # (a loss over no batch has nothing to compare)
         raise HandoffError(f"none of the first {rows} rows of {data} gives a pair that both the repo's data builder "
                            "and SFT's keep: read more rows with -n")
@@ -329,8 +337,7 @@ def _read_rows(data: str, rows: int):
 
 
 def _load_tokenizer(model_dir: Path):
-    """The tokenizer as the repo's training.py loads it (eos as pad when none), checked against the model's
-    vocabulary: a token id past the embedding table would fail deep inside the forward."""
+    """The tokenizer as the repo's training.py loads it (eos as pad when none)."""
     from transformers import AutoTokenizer
 
     try:
@@ -339,11 +346,24 @@ def _load_tokenizer(model_dir: Path):
         raise HandoffError(f"--model {model_dir}: its tokenizer does not load ({str(e).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    vocabulary = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
-    if isinstance(vocabulary, int) and len(tokenizer) > vocabulary:
-        raise HandoffError(f"--model {model_dir}: the model's vocabulary ({vocabulary:,}) is smaller than its "
-                           f"tokenizer's ({len(tokenizer):,}): not a folder train_sft.py saved")
     return tokenizer
+
+
+def _check_vocabulary(model_dir: Path, tokenizer, pairs: dict) -> None:
+    """As train_sft.py does at its start: a tokenizer longer than the model's embedding table is refused when the
+    compared pairs hold an id past it (the forward would index out of range), else said in one line."""
+    from data_process_sft import tokenize_conversations
+    from model_io import vocabulary_gap
+
+    vocabulary = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    if not (gap := vocabulary_gap(tokenizer, vocabulary)):
+        return
+    rows = [pairs["reference"][i] for i in pairs["compared"]]
+    conversations = [row["prompt"] + row[side] for row in rows for side in ("chosen", "rejected")]
+    if max(max(ids) for ids in tokenize_conversations(tokenizer, conversations)) >= vocabulary:
+        raise HandoffError(f"--model {model_dir}: {gap}, and the compared pairs hold such ids: the model and its "
+                           "tokenizer do not match")
+    print(f"note: {gap}; the compared pairs hold none of them")
 
 
 def _pairs(state: str, raw, tokenizer, max_len: int) -> dict:

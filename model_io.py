@@ -1,6 +1,7 @@
 """Model and tokenizer files: what goes in, what comes out, and that it reads the same everywhere.
 
     prepare_tokenizer()    a base Llama-3 tokenizer + the chat template and a pad token SFT needs
+    vocabulary_gap()       the token ids of the tokenizer that have no embedding row in the model
     load_model()           the policy with fp32 master weights
     save_final_model()     weights in `precision` (any launcher), tokenizer, generation config; atomic; portable
     write_portable_files() make a transformers-5 folder load as the same model under transformers 4.57+
@@ -44,6 +45,18 @@ def prepare_tokenizer(tokenizer):
     if missing:
         raise ConfigError(f"the tokenizer lacks the Llama-3 chat tokens {', '.join(missing)}")
     return tokenizer
+
+
+def vocabulary_gap(tokenizer, vocab_size: int | None) -> str | None:
+    """The token ids the tokenizer has beyond the model's `vocab_size` embedding rows (e.g. Llama-3.2-Vision's
+    `<|image|>`, id 128256, beside 128,256 rows), said in words; None when the tokenizer fits the model."""
+    if not isinstance(vocab_size, int) or len(tokenizer) <= vocab_size:
+        return None
+    ids = range(vocab_size, len(tokenizer))
+    names = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})" for i in list(ids)[:3])
+    which = f"id {ids.start:,}" if len(ids) == 1 else f"ids {ids.start:,}..{ids.stop - 1:,}"
+    return (f"the tokenizer has {len(tokenizer):,} tokens, the model {vocab_size:,} embedding rows: {which} "
+            f"({names}{', ...' if len(ids) > 3 else ''}) {'has' if len(ids) == 1 else 'have'} no row")
 
 
 def load_model(name: str, attn_implementation: str | None = None, precision: str | None = None,

@@ -2,7 +2,10 @@
 
 - Ours: a folder is ours when it holds our mark `.hh-sft-run` (written when a run first takes the folder), or, from
   runs before the mark, a metrics.json of ours or a checkpoint with our fingerprint. Any other non-empty folder is
-  foreign, whatever its files are called: a run writes there only with --overwrite, and then only our names.
+  foreign, whatever its files are called (a `.lock` or a `checkpoint-N` of another tool included): a run writes
+  there only with --overwrite, and then only our names.
+- A `checkpoint-N` that is not a real folder (a file, a symbolic link) is never ours: the run is refused naming it,
+  and nothing is deleted through a link.
 - A checkpoint (checkpoint-N) is complete when its trainer_state.json and our fingerprint sft_run.json (written
   last) read whole; an incomplete one (a kill while saving) is removed at the next start.
 - A complete checkpoint is damaged when a file does not open whole, or a resume would lack what it needs (the
@@ -12,8 +15,9 @@
 - A resume needs the same run-defining settings (run_fingerprint); learning rate, schedule, epochs, logging and
   saving may change.
 - A run is finished when save_dir holds model.safetensors and metrics.json (written last, after the samples,
-  curves and card). A finished folder is never trained over without --overwrite, which removes our names and
-  starts from step 0; a finished run whose checkpoints were kept continues from the newest when
+  curves and card); publishing new weights removes the earlier metrics.json first, so weights newer than their
+  report never pass for a finished run. A finished folder is never trained over without --overwrite, which
+  removes our names and starts from step 0; a finished run whose checkpoints were kept continues from the newest when
   sft_training.epochs is raised; weights without metrics.json (a kill in the report) are finished from the last
   checkpoint.
 - When a run finishes, its resume state (checkpoint-N, training_args.bin) is removed unless keep_checkpoints, and
@@ -103,15 +107,16 @@ def damage(checkpoint: str) -> str | None:
 def last_complete_checkpoint(save_dir: str) -> str | None:
     if not os.path.isdir(save_dir):
         return None
-    found = [os.path.join(save_dir, d) for d in os.listdir(save_dir) if CHECKPOINT.match(d)]
+    found = [os.path.join(save_dir, d) for d in os.listdir(save_dir)
+             if CHECKPOINT.match(d) and not os.path.islink(os.path.join(save_dir, d))]
     complete = [c for c in found if _is_complete(c)]
     return max(complete, key=checkpoint_step) if complete else None
 
 
 def is_ours(save_dir: str) -> bool:
-    """Our mark (or our lock, or our staging folder), or (runs before the mark) a metrics.json of ours or a
-    checkpoint with our fingerprint."""
-    if any(os.path.exists(os.path.join(save_dir, name)) for name in (MARK, ".lock", STAGING)):
+    """Our mark (or our staging folder), or (runs before the mark) a metrics.json of ours or a checkpoint with our
+    fingerprint. A `.lock` is no mark: other tools lock their folders too."""
+    if any(os.path.exists(os.path.join(save_dir, name)) for name in (MARK, STAGING)):
         return True
     with contextlib.suppress(OSError, ValueError, AttributeError):
         if "tokens_trained" in _read_json(os.path.join(save_dir, "metrics.json")):
@@ -176,6 +181,11 @@ def prepare_save_dir(save_dir: str, overwrite: bool, epochs: int | None = None) 
         raise ConfigError(f"sft_training.save_dir: {save_dir} is not writable ({e.strerror})") from None
     lock_save_dir(save_dir)
     checkpoints = [os.path.join(save_dir, d) for d in os.listdir(save_dir) if CHECKPOINT.match(d)]
+    for path in checkpoints:
+        if os.path.islink(path) or not os.path.isdir(path):
+            kind = "a symbolic link" if os.path.islink(path) else "not a folder"
+            raise ConfigError(f"sft_training.save_dir: {path} is {kind}, so not a checkpoint train_sft.py wrote; "
+                              "move it out of save_dir (nothing was deleted), or set another save_dir")
     if overwrite:
         for path in checkpoints + [os.path.join(save_dir, STAGING)]:
             shutil.rmtree(path, ignore_errors=True)
@@ -252,8 +262,12 @@ def staging_dir(save_dir: str, clear: bool) -> str:
 
 def publish(save_dir: str) -> None:
     """Rename each file of the staging folder into save_dir, the weights last (a crash leaves the previous files
-    whole, never a half-written model.safetensors), then remove the staging folder."""
+    whole, never a half-written model.safetensors), then remove the staging folder. An earlier run's metrics.json
+    goes first: until this run's report is written, the folder is a run whose final save was cut short (the rerun
+    finishes it, --readiness refuses it), never the new weights beside the old report."""
     staging = staging_dir(save_dir, clear=False)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(save_dir, "metrics.json"))
     for name in sorted(os.listdir(staging), key=lambda n: n == "model.safetensors"):
         if os.path.isdir(os.path.join(save_dir, name)):  # the adapter of a cut earlier save
             shutil.rmtree(os.path.join(save_dir, name))

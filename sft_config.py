@@ -10,11 +10,12 @@ key suggested for a typo. This module imports no torch, so a bad config fails in
 from __future__ import annotations
 
 import difflib
+import os
 import typing
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
@@ -40,6 +41,9 @@ Int = Annotated[int, BeforeValidator(_integral_float), Strict()]
 Float = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S")]
+# A path key (save_dir; policy_name and dataset_name when local): `~` is the home folder, as in a shell, not a
+# folder named `~` in the working directory. A Hub id never starts with `~`.
+PathStr = Annotated[Str, AfterValidator(os.path.expanduser)]
 
 
 class Section(BaseModel):
@@ -63,7 +67,7 @@ class LoraSettings(Section):
 class DatasetConfig(Section):
     """The `dataset` section, shared with the DPO stage."""
 
-    dataset_name: Str = "Anthropic/hh-rlhf"  # Hub id, or a local .jsonl/.jsonl.gz/.json/.parquet file or folder
+    dataset_name: PathStr = "Anthropic/hh-rlhf"  # Hub id, or a local .jsonl/.jsonl.gz/.json/.parquet file or folder
     subset: Str = "train[:100%]"  # split expression
     val_ratio: Annotated[Float, Field(gt=0, lt=1)] = 0.1
     seed: Int = 42  # seed of the train/eval split
@@ -102,7 +106,7 @@ class SFTTrainingConfig(Section):
     activation_offloading: Bool = False  # TRL's: activations to CPU memory in the backward pass (CUDA only)
     lora: LoraSettings | None = None  # null: full fine-tuning
     readiness_pairs: Annotated[Int, Field(ge=0)] = 512  # held-out DPO pairs scored at the end; 0: off
-    save_dir: Str = "sft_model"
+    save_dir: PathStr = "sft_model"
     seed: Int = 42
     dataset_num_proc: Annotated[Int, Field(ge=1)] | None = None
     wandb_project: Str | None = "hh-llama32-1b-sft"  # null: no W&B
@@ -114,7 +118,7 @@ class SFTTrainingConfig(Section):
 class Config(Section):
     """The parts of config_dpo.yaml this stage reads; the DPO sections are accepted and left alone."""
 
-    policy_name: Str
+    policy_name: PathStr
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
     dataset: DatasetConfig
     sft_training: SFTTrainingConfig

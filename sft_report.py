@@ -39,7 +39,7 @@ def start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> str
             f"  parallel: {parallel_mode(trainer)}\n"
             f"  {training_mode(trainer, t.lora)}\n"
             f"{extras_line(t)}"
-            f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {t.save_dir}")
+            f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {os.path.abspath(t.save_dir)}")
 
 
 def extras_line(t) -> str:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -185,16 +186,31 @@ class SampleReplies(TrainerCallback):
     """At each evaluation, the model's greedy replies to a few fixed held-out prompts (stopping at <|eot_id|>):
     appended to save_dir/samples_during_training.jsonl and logged to W&B as a table, so a researcher sees the
     model learn to answer and to stop while it trains. Main process only; skipped when the weights are sharded
-    (FSDP/DeepSpeed: generation would need every process); a failure is one warning, once, never the run's end."""
+    (FSDP/DeepSpeed: generation would need every process); a failure is one warning, once, never the run's end.
+    Each step's replies once: not again for an evaluation a resume replays, nor for the evaluation after training
+    (with load_best that model is an earlier step's; its replies are in samples.jsonl)."""
 
     MAX_NEW_TOKENS = 48
 
     def __init__(self, prompts: list[tuple[list[dict], str]], save_dir: str):
         self.prompts, self.path, self.failed = prompts, os.path.join(save_dir, "samples_during_training.jsonl"), False
+        self.done: set[int] = set()
+        self.training = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+        with contextlib.suppress(OSError):
+            with open(self.path, encoding="utf-8") as f:
+                self.done = {json.loads(line).get("step") for line in f if line.strip()}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
         sharded = getattr(model, "_is_fsdp_managed_module", False) or args.deepspeed or args.fsdp
         if self.failed or not state.is_world_process_zero or sharded or model is None:
+            return
+        if not self.training or state.global_step in self.done:
             return
         import time
 
@@ -211,6 +227,7 @@ class SampleReplies(TrainerCallback):
                              "stopped_at_eot": stopped, "generate_s": round(time.perf_counter() - start, 3)})
             with open(self.path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            self.done.add(state.global_step)
             wandb = sys.modules.get("wandb")
             if wandb is not None and wandb.run is not None:
                 columns = ["step", "prompt", "reply", "stopped_at_eot"]

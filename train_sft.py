@@ -155,6 +155,7 @@ def prepare(run: Run) -> Prepared:
             data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length,
                                                 num_proc=t.dataset_num_proc, collator=collator, return_report=True)
             check_split_sizes(cfg, len(data), report)
+            check_vocabulary(cfg.policy_name, tokenizer, data, say=state.is_main_process)
             fingerprint = contract.run_fingerprint(cfg, report, dp.token_digest(data), state.num_processes)
             contract.check_same_run(resume_from, fingerprint)
         except ConfigError as e:  # kept until every process is past the barrier, then raised by all (below)
@@ -176,6 +177,24 @@ def check_split_sizes(cfg: Config, rows: int, report) -> None:
     if train < 1 or test < 1:
         raise ConfigError(f"dataset.val_ratio: {cfg.dataset.val_ratio} of {rows} usable rows gives {train} train "
                           f"and {test} eval conversations; both need at least 1: lower val_ratio or use more rows")
+
+
+def check_vocabulary(name: str, tokenizer, data, say: bool) -> None:
+    """A tokenizer longer than the model's embedding table: refused when the data holds an id past it (the forward
+    would index out of range), else said in one line (those ids are never trained or scored)."""
+    import pyarrow.compute as pc
+    from transformers import AutoConfig
+
+    from model_io import vocabulary_gap
+
+    vocab_size = getattr(AutoConfig.from_pretrained(name).get_text_config(), "vocab_size", None)
+    if not (gap := vocabulary_gap(tokenizer, vocab_size)):
+        return
+    if pc.max(data.with_format("arrow")[:]["input_ids"].combine_chunks().flatten()).as_py() >= vocab_size:
+        raise ConfigError(f"policy_name {name}: {gap}, and the data holds such ids: use the tokenizer that "
+                          "matches the model")
+    if say:
+        print(f"note: {gap}; the data holds none of them, so they are never trained or scored")
 
 
 # --- trainer ----------------------------------------------------------------------------------------------------
@@ -258,6 +277,10 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the weights are published last: the folder is a run cut in its final save
+        print(f"error: the final save was interrupted (no half-written model is left as the handoff); the same "
+              f"command finishes the run from its last checkpoint: {run_env.rerun_command()}", file=sys.stderr)
+        return 130
     if not trainer.is_world_process_zero():
         return 0
     metrics = sft_report.collect_metrics(cfg, trainer, prepared.report, prepared.split, final_eval,

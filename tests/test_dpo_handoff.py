@@ -394,10 +394,18 @@ def test_check_counts_the_references_unscored_tokens_too(capsys):
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("damage", ["no_max_len", "no_tokenizer", "report_folder"])
+@pytest.mark.parametrize("damage", ["no_max_len", "no_tokenizer", "report_folder", "report_is_a_folder",
+                                    "no_rejected"])
 def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tmp_path, base_model_dir, damage):
-    model, report = base_model_dir, tmp_path / "report.json"
-    if damage == "no_max_len":
+    model, report, data = base_model_dir, tmp_path / "report.json", REAL_HH
+    if damage == "report_is_a_folder":
+        report = tmp_path
+        expected = f"--report {tmp_path} is a folder: name the JSON file to write"
+    elif damage == "no_rejected":
+        data = tmp_path / "sft_only.jsonl"
+        data.write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello"}) + "\n")
+        expected = f"--data {data}: its rows have no 'rejected' field (columns: chosen)"
+    elif damage == "no_max_len":
         config = dpo_repo / "config_dpo.yaml"
         config.write_text(config.read_text().replace("max_len: 512", "max_length: 512"))
         expected = "has no integer dataset.max_len"
@@ -409,7 +417,8 @@ def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tm
     else:
         report = tmp_path / "missing" / "report.json"
         expected = "its folder does not exist or is not writable"
-    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), "--report", str(report))
+    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), "--report", str(report),
+                     "--data", str(data))
     assert_refused(result, expected)
 
 
@@ -423,7 +432,8 @@ def test_check_refuses_a_model_whose_vocabulary_is_smaller_than_its_tokenizer(dp
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
     result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), env=stack_env(dpo_stack))
-    assert_refused(result, "the model's vocabulary (1,000) is smaller than its tokenizer's (128,2")
+    assert_refused(result, "the tokenizer has 128,2", "tokens, the model 1,000 embedding rows",
+                   "the compared pairs hold such ids")
 
 
 @pytest.mark.cli

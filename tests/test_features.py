@@ -175,3 +175,32 @@ def test_the_keys_reach_the_trainers_arguments(tmp_path, base_model_dir):
     patient = load_config(str(write_config(tmp_path, base_model_dir, early_stopping_patience=2)))
     assert build_sft_config(patient).metric_for_best_model == "eval_loss"
     assert not build_sft_config(patient).load_best_model_at_end
+
+
+def test_samples_of_a_step_are_written_once_and_none_after_training(tmp_path, monkeypatch):
+    """A resume replays the evaluation of a step whose samples are already written; with load_best the evaluation
+    after training scores an earlier step's model: neither appends rows labelled with the wrong step or twice."""
+    import types
+
+    import model_io
+    from sft_trainer import SampleReplies
+
+    monkeypatch.setattr(model_io, "greedy_reply", lambda *a: ("a reply", True))
+    path = tmp_path / "samples_during_training.jsonl"
+    path.write_text(json.dumps({"step": 2, "prompt": "Q?", "reply": "before the kill"}) + "\n")
+    callback = SampleReplies([([{"role": "user", "content": "Q?"}], "ref")], str(tmp_path))
+    args = types.SimpleNamespace(deepspeed=None, fsdp=None)
+    model = torch.nn.Linear(1, 1)
+
+    def evaluate(step):
+        state = types.SimpleNamespace(is_world_process_zero=True, global_step=step)
+        callback.on_evaluate(args, state, None, model=model, processing_class=None)
+
+    callback.on_train_begin(args, None, None)
+    for step in (2, 4):
+        evaluate(step)
+    callback.on_train_end(args, None, None)
+    evaluate(4)
+    evaluate(6)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["reply"]) for r in rows] == [(2, "before the kill"), (4, "a reply")]

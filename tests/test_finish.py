@@ -146,3 +146,52 @@ def test_readiness_histograms_count_whole_pairs_and_their_axes_match_the_titles(
     ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert re.search(r"\d+ of 6 pairs > 0", ax.get_title())
+
+
+def test_ctrl_c_in_the_final_save_is_one_line_naming_the_command_that_finishes_it(tmp_path, base_model_dir,
+                                                                                  monkeypatch, capsys):
+    import model_io
+    import train_sft
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_io, "save_final_model", interrupted)
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", "--config", "c.yaml"])
+    run = train_sft.Run(cfg=load_config(str(write_config(tmp_path, base_model_dir))), mode="train", overwrite=False)
+    trainer = types.SimpleNamespace(state=types.SimpleNamespace(log_history=[], global_step=3),
+                                    evaluate=lambda: {"eval_loss": 1.0})
+    assert train_sft.finish(run, trainer, types.SimpleNamespace(tokenizer=None), start=0.0) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the final save was interrupted")
+    assert "the same command finishes the run from its last checkpoint: python train_sft.py --config c.yaml" in err
+
+
+@pytest.mark.parametrize(("rows", "data_max", "refused"), [(128256, 128000, False), (1000, 5000, True)])
+def test_a_tokenizer_longer_than_the_models_vocabulary_is_said_at_the_start(tmp_path, base_model_dir, capsys, rows,
+                                                                           data_max, refused):
+    """Llama-3.2-Vision's tokenizer has <|image|> (128256) past a 128,256-row table: said in one line when the data
+    never uses such an id; refused before any model is loaded when it does."""
+    import shutil
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    import train_sft
+    from sft_config import ConfigError
+
+    model = tmp_path / "model"
+    shutil.copytree(base_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    data = Dataset.from_dict({"input_ids": [[1, 2, data_max], [3]]})
+    if refused:
+        with pytest.raises(ConfigError, match=r"the model 1,000 embedding rows: ids 1,000\.\.128,256 .* and the "
+                                              r"data holds such ids"):
+            train_sft.check_vocabulary(str(model), tokenizer, data, say=True)
+    else:
+        train_sft.check_vocabulary(str(model), tokenizer, data, say=True)
+        assert capsys.readouterr().out == ("note: the tokenizer has 128,257 tokens, the model 128,256 embedding rows: "
+                                           "id 128,256 (<|image|> (128256)) has no row; the data holds none "
+                                           "of them, so they are never trained or scored\n")

@@ -88,9 +88,8 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_each_change(tmp_path):
 @pytest.mark.cli
 def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path, base_model_dir):
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(REPO)!r}); "
-                               f"import save_dir_contract as c; c.lock_save_dir({str(tmp_path / 'out')!r}); "
+                               f"import save_dir_contract as c; c.prepare_save_dir({str(tmp_path / 'out')!r}, False); "
                                "time.sleep(120)"])
-    (tmp_path / "out").mkdir()
     deadline = time.time() + 300  # a guard against a hang, not a speed limit
     while not (tmp_path / "out" / ".lock").exists() or not (tmp_path / "out" / ".lock").read_text():
         assert time.time() < deadline
@@ -430,3 +429,76 @@ def test_a_resume_refused_under_torchrun_is_one_line_on_every_rank(tmp_path, bas
     assert "gloo" not in result.stderr.lower() and "Connection" not in result.stderr
     # torchrun's summary: the first rank to finish exited 2 (torchrun may stop the other before it exits itself)
     assert "exitcode  : 2" in result.stderr
+
+
+# --- round four: ours only by our own mark; odd checkpoint entries; ~; weights newer than their report ---------
+@pytest.mark.parametrize("other", [("checkpoint-500", ".lock"), (".lock",)])
+def test_another_tools_lock_and_checkpoint_are_no_mark_of_ours(tmp_path, other):
+    for name in other:
+        if name.startswith("checkpoint-"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "optimizer.bin").write_text("another tool's")
+        else:
+            (tmp_path / name).write_text("pid 1")
+    with pytest.raises(ConfigError, match=r"holds files that train_sft\.py did not write \("):
+        save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(other)  # nothing deleted, nothing added
+    if "checkpoint-500" in other:
+        assert (tmp_path / "checkpoint-500" / "optimizer.bin").read_text() == "another tool's"
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_checkpoint_name_that_is_not_a_folder_is_refused_and_nothing_is_deleted_through_it(tmp_path, kind,
+                                                                                              overwrite):
+    save_dir, outside = tmp_path / "out", tmp_path / "elsewhere"
+    real_checkpoint(save_dir, 4)
+    outside.mkdir()
+    (outside / "keep.txt").write_text("the user's")
+    if kind == "file":
+        (save_dir / "checkpoint-5").write_text("a file")
+    else:
+        (save_dir / "checkpoint-9").symlink_to(outside)  # incomplete: no trainer_state.json
+    name = "checkpoint-5" if kind == "file" else "checkpoint-9"
+    said = "not a folder" if kind == "file" else "a symbolic link"
+    with pytest.raises(ConfigError, match=rf"{save_dir / name} is {said}, so not a checkpoint train_sft\.py wrote"):
+        save_dir_contract.prepare_save_dir(str(save_dir), overwrite=overwrite)
+    assert (save_dir / name).is_symlink() == (kind == "symlink") and (save_dir / name).exists()
+    assert (outside / "keep.txt").read_text() == "the user's" and (save_dir / "checkpoint-4").is_dir()
+
+
+def test_path_keys_expand_the_home_folder(tmp_path, monkeypatch, base_model_dir):
+    from sft_config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = write_config(tmp_path, base_model_dir, save_dir="~/sft_out")
+    text = config.read_text().replace(str(SAMPLE), "~/data.jsonl")
+    config.write_text(text.replace(f"policy_name: {base_model_dir}", "policy_name: ~/base"))
+    cfg = load_config(str(config))
+    assert cfg.sft_training.save_dir == str(tmp_path / "sft_out")
+    assert cfg.dataset.dataset_name == str(tmp_path / "data.jsonl") and cfg.policy_name == str(tmp_path / "base")
+    assert load_config(str(config), ["policy_name=meta-llama/Llama-3.2-1B"]).policy_name == "meta-llama/Llama-3.2-1B"
+
+
+def test_weights_published_over_a_finished_run_are_not_finished_until_their_report(tmp_path, base_model_dir,
+                                                                                    capsys):
+    """A continuation (more epochs) killed after its new weights were published and before metrics.json: the old
+    report is gone with the publish, so --readiness refuses the folder and the rerun finishes it."""
+    from sft_config import load_config
+
+    save_dir = tmp_path / "out"
+    real_checkpoint(save_dir, 42)
+    (save_dir / ".hh-sft-run").write_text("")
+    (save_dir / "model.safetensors").write_text("step-28 weights")
+    (save_dir / "metrics.json").write_text(json.dumps({"global_step": 28, "tokens_trained": 1}))
+    staging = save_dir_contract.staging_dir(str(save_dir), clear=True)
+    os.makedirs(staging)
+    (save_dir / ".final-model-tmp" / "model.safetensors").write_text("step-42 weights")
+    save_dir_contract.publish(str(save_dir))
+    assert (save_dir / "model.safetensors").read_text() == "step-42 weights"
+    assert not (save_dir / "metrics.json").exists()
+    with pytest.raises(ConfigError, match="does not read as a finished run's report"):
+        save_dir_contract.finished_run(str(save_dir), load_config(str(write_config(tmp_path, base_model_dir))))
+    assert save_dir_contract.prepare_save_dir(str(save_dir), overwrite=False, epochs=2) == str(save_dir /
+                                                                                                 "checkpoint-42")
+    assert "whose final save was cut short: finishing it from" in capsys.readouterr().out
