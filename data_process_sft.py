@@ -1,10 +1,11 @@
-"""Anthropic HH text -> chat messages -> Llama-3 token ids with assistant-only labels.
+"""Anthropic HH text (or TRL's conversational formats, see data_formats) -> chat messages -> Llama-3 token ids with
+assistant-only labels.
 
 The pieces, in the order the training script uses them:
   parse_hh_to_messages  one HH string ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> [{"role", "content"}, ...]
   load_raw_dataset      a Hub id or a local .jsonl/.jsonl.gz/.json/.parquet file or folder -> Dataset
-  load_hh_rows, load_tokenizer   the same with every failure as one ConfigError line (training, --inspect)
-  build_sft_dataset     HH rows -> `messages` (+ `input_ids`, `labels`, `length`, `num_trained` with a tokenizer)
+  load_rows, load_tokenizer   the same with every failure as one ConfigError line (training, --inspect)
+  build_sft_dataset     rows -> `messages` (+ `input_ids`, `labels`, `length`, `num_trained` with a tokenizer)
   CompletionOnlyCollator  pads a batch and puts labels on every assistant turn and nothing else
   build_dpo_dataset     HH preference rows -> prompt/chosen/rejected rows for TRL's DPOTrainer (0.26 and 1.x)
   python data_process_sft.py --config config_dpo.yaml --inspect -n 3   the data as the model will see it
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import data_formats
 from model_io import prepare_tokenizer
 from run_env import check_before_loading, loading
 from sft_config import ConfigError, load_config
@@ -128,12 +130,15 @@ def _json_problem(text: str, error: json.JSONDecodeError) -> str:
     return f"{error.msg}, column {error.colno}"
 
 
-def load_hh_rows(name: str, split: str):
-    """HH rows for training or --inspect: any load failure, or rows without `chosen`, is one ConfigError line."""
+def load_rows(name: str, split: str):
+    """Rows for training or --inspect: any load failure, or rows in none of the formats SFT reads
+    (data_formats), is one ConfigError line."""
     with loading("dataset", name):
         rows = load_raw_dataset(name, split)
-    if "chosen" not in rows.column_names:
-        raise ConfigError(f"dataset {name} has no 'chosen' column")
+    try:
+        data_formats.detect(rows.column_names, rows[0] if len(rows) else None)
+    except data_formats.FormatError as e:
+        raise ConfigError(f"dataset {name}: {e}") from None
     return rows
 
 
@@ -172,6 +177,7 @@ def token_digest(ds) -> str:
 class DataReport:
     """What happened to the rows: read, kept, dropped by reason; token counts when tokenized."""
 
+    format: str = "hh"  # data_formats.detect
     rows_read: int = 0
     rows_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
@@ -183,7 +189,8 @@ class DataReport:
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
-        line = f"rows read {self.rows_read}, kept {self.rows_kept}, dropped: {drops}"
+        line = (f"format {data_formats.NAMES[self.format]}; rows read {self.rows_read}, kept {self.rows_kept}, "
+                f"dropped: {drops}")
         if self.tokens:
             line += (f"; tokens {self.tokens}, trained (assistant) tokens {self.assistant_tokens} "
                      f"({self.assistant_tokens / self.tokens:.0%}), rows cut to max_length {self.truncated}")
@@ -192,16 +199,19 @@ class DataReport:
 
 def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_proc: int | None = None,
                       collator: CompletionOnlyCollator | None = None, return_report: bool = False):
-    """HH rows (`chosen` column) -> `messages` and `row` (the index of the source row, so the eval split can be
-    found among the preference pairs); with a tokenizer also `input_ids`, `labels`, `length` and `num_trained`
-    (assistant tokens per row).
+    """Rows of any format data_formats reads (HH text in `chosen`, `messages`, conversational preference or
+    prompt-completion) -> `messages` and `row` (the index of the source row, so the eval split can be found among
+    the preference pairs); with a tokenizer also `input_ids`, `labels`, `length` and `num_trained` (assistant
+    tokens per row).
 
-    Drops rows whose `chosen` is not a string or has no assistant turn, trailing user turns, and (with a
-    tokenizer and `max_length`) rows whose every assistant token was cut away by truncation, so no batch
-    trains on nothing. Logs a report of what was dropped and why, or with `return_report=True` returns it.
+    Drops rows that break their format's rules (an HH `chosen` that is not a string, an unknown role, ...) or have
+    no assistant turn, trailing user turns, and (with a tokenizer and `max_length`) rows whose every assistant
+    token was cut away by truncation, so no batch trains on nothing. Logs a report of what was dropped and why, or
+    with `return_report=True` returns it.
     """
     if tokenizer is not None and collator is None:
         collator = CompletionOnlyCollator(tokenizer)
+    fmt = _format(ds)
     mapped = ds.map(
         _convert_batch,
         batched=True,
@@ -209,17 +219,22 @@ def build_sft_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_
         num_proc=num_proc,
         remove_columns=ds.column_names,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "collator": collator, "code": SOURCE_HASH},
-        desc="Parsing HH" + (" and tokenizing" if tokenizer is not None else ""),
+        desc=("Parsing HH" if fmt == "hh" else "Reading conversations") + (" and tokenizing" if tokenizer else ""),
     )
-    return _keep_and_report(mapped, tokenized=tokenizer is not None, return_report=return_report, what="SFT")
+    return _keep_and_report(mapped, tokenized=tokenizer is not None, return_report=return_report, what="SFT",
+                            fmt=fmt)
 
 
-def _keep_and_report(mapped, *, tokenized: bool, return_report: bool, what: str):
+def _format(ds) -> str:
+    return data_formats.detect(ds.column_names, ds[0] if len(ds) else None)
+
+
+def _keep_and_report(mapped, *, tokenized: bool, return_report: bool, what: str, fmt: str):
     """Drop the rows that have a drop_reason, count them, log the report."""
     table = mapped.data  # fresh map output: plain Arrow columns, read whole (row-wise reads took 2.4 of 7.6 s)
     reasons = table.column("drop_reason").to_pylist()
     keep = np.array([not r for r in reasons], dtype=bool)
-    report = DataReport(rows_read=len(reasons), rows_kept=int(keep.sum()),
+    report = DataReport(format=fmt, rows_read=len(reasons), rows_kept=int(keep.sum()),
                         dropped=dict(Counter(r for r in reasons if r)))
     kept = mapped.select(np.flatnonzero(keep)).remove_columns("drop_reason")
     if tokenized:
@@ -241,7 +256,7 @@ def _keep_and_report(mapped, *, tokenized: bool, return_report: bool, what: str)
 def _convert_batch(batch, rows, tokenizer, max_length, collator, code):
     """`code` (this file's hash) is only part of the `datasets` cache key: datasets keys a module-level
     function by its name, so without it a changed parser would silently reuse old cached results."""
-    converted = [hh_to_sft_messages(chosen) for chosen in batch["chosen"]]
+    converted = _batch_conversations(batch)
     out = {"messages": [m for m, _ in converted], "drop_reason": [r for _, r in converted], "row": rows}
     if tokenizer is None:
         return out
@@ -260,10 +275,20 @@ def _convert_batch(batch, rows, tokenizer, max_length, collator, code):
     return out
 
 
+def _batch_conversations(batch) -> list[tuple[list[dict[str, str]], str]]:
+    """(messages, drop reason) of each row of a batch, in the batch's format (HH text: parse_hh_to_messages)."""
+    sample = next((value for value in batch.get("chosen", ()) if value is not None), None)
+    fmt = data_formats.detect(batch.keys(), {"chosen": sample})
+    if fmt == "hh":
+        return [hh_to_sft_messages(chosen) for chosen in batch["chosen"]]
+    return [data_formats.conversation(fmt, dict(zip(batch, values))) for values in zip(*batch.values())]
+
+
 def build_dpo_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_proc: int | None = None,
                       return_report: bool = False):
-    """HH preference rows (`chosen`, `rejected`) -> `prompt`/`chosen`/`rejected` rows for TRL's DPOTrainer (and
-    `row`, the source row's index), parsed with the same parser as SFT, so the DPO stage scores exactly the
+    """Preference rows (`chosen`, `rejected`: HH text, or message lists in TRL's conversational preference format)
+    -> `prompt`/`chosen`/`rejected` rows for TRL's DPOTrainer (and `row`, the source row's index), parsed with the
+    same parser as SFT, so the DPO stage scores exactly the
     sequences the SFT model learned: one BOS, the chat-template turns, the assistant header, the reply and one
     `<|eot_id|>`.
 
@@ -288,8 +313,27 @@ def build_dpo_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_
     mapped = ds.map(_dpo_batch, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
                     fn_kwargs={"render": render, "counter": tokenizer if max_length else None,
                                "max_length": max_length, "code": SOURCE_HASH},
-                    desc="Parsing HH preference pairs")
-    return _keep_and_report(mapped, tokenized=False, return_report=return_report, what="DPO")
+                    desc="Reading preference pairs")
+    return _keep_and_report(mapped, tokenized=False, return_report=return_report, what="DPO", fmt=_format(ds))
+
+
+def _preference_sides(chosen, rejected, prompt) -> tuple[list, list, str]:
+    """The chosen and rejected conversations of one preference row (HH text or TRL's conversational preference
+    format), and why the row is dropped ("" when kept)."""
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return data_formats.preference_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        return [], [], "not_a_string"
+    return parse_hh_to_messages(chosen), parse_hh_to_messages(rejected), ""
+
+
+def _pair_problem(good: list, bad: list) -> str:
+    """Why two parsed conversations are not a DPO pair ("" when they are: one prompt, two final replies)."""
+    if not good or not bad or good[-1]["role"] != "assistant" or bad[-1]["role"] != "assistant":
+        return "empty_final_reply"
+    if good[:-1] != bad[:-1]:
+        return "prompts_differ"
+    return "" if good[:-1] else "no_prompt"
 
 
 def _trl_major() -> int:
@@ -300,21 +344,11 @@ def _trl_major() -> int:
 
 def _dpo_batch(batch, rows, render, counter, max_length, code):  # `code`: part of the cache key, see _convert_batch
     pairs, reasons = [], []
-    for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
-        pair, reason = None, ""
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            reason = "not_a_string"
-        else:
-            good, bad = parse_hh_to_messages(chosen), parse_hh_to_messages(rejected)
-            if not good or not bad or good[-1]["role"] != "assistant" or bad[-1]["role"] != "assistant":
-                reason = "empty_final_reply"
-            elif good[:-1] != bad[:-1]:
-                reason = "prompts_differ"
-            elif not good[:-1]:
-                reason = "no_prompt"
-            else:
-                pair = (good[:-1], good[-1], bad[-1])
-        pairs.append(pair)
+    prompts = batch.get("prompt") or [None] * len(batch["chosen"])
+    for chosen, rejected, prompt in zip(batch["chosen"], batch["rejected"], prompts):
+        good, bad, reason = _preference_sides(chosen, rejected, prompt)
+        reason = reason or _pair_problem(good, bad)
+        pairs.append(None if reason else (good[:-1], good[-1], bad[-1]))
         reasons.append(reason)
     if counter is not None:  # the SFT tokenization: the same token count TRL gets for prompt + reply + eos
         sides = []
@@ -436,6 +470,29 @@ class CompletionOnlyCollator:
         return [row.tolist() for row in np.split(labels, np.cumsum(lengths)[:-1])]
 
 
+class VarlenCollator(CompletionOnlyCollator):
+    """The same conversations and labels as CompletionOnlyCollator, with no padding at all: the batch's
+    conversations concatenated into one row, `position_ids` restarting at each, and their boundaries as
+    cumulative lengths (`cu_seq_lens_q/k`, int32) with the longest (`max_length_q/k`, an int: no device read),
+    what variable-length attention kernels take (varlen_attention). Each conversation's first token (its BOS)
+    is never trained, so no label reaches across a boundary."""
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [e["input_ids"] for e in examples]
+        labels = [e["labels"] for e in examples] if "labels" in examples[0] else self.labels_for(ids)
+        sizes = [len(r) for r in ids]
+        bounds = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32)
+        flat_labels = torch.tensor([list(itertools.chain.from_iterable(labels))], dtype=torch.long)
+        flat_labels[0, bounds[:-1].long()] = IGNORE_INDEX  # (already so for our labels: a BOS is never trained)
+        return {
+            "input_ids": torch.tensor([list(itertools.chain.from_iterable(ids))], dtype=torch.long),
+            "labels": flat_labels,
+            "position_ids": torch.cat([torch.arange(n) for n in sizes])[None],
+            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+            "max_length_q": max(sizes), "max_length_k": max(sizes),
+        }
+
+
 def assistant_token_mask(flat: np.ndarray, lengths: np.ndarray, response_ids: np.ndarray, end_id: int) -> np.ndarray:
     """True on the tokens to train in concatenated sequences: a token is trained when the last turn event
     before it is the end of an assistant header (not an end-of-turn token, not a sequence start)."""
@@ -483,7 +540,7 @@ def inspect(config_path: str, n: int) -> int:
         cfg = load_config(config_path)
         check_before_loading(cfg)
         tokenizer = prepare_tokenizer(load_tokenizer(cfg.policy_name))
-        raw = load_hh_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
+        raw = load_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ MARK = "# hh-sft handoff"
 # Our modules that the edited training.py and risk_dpo_trainer.py need there: hh_sft_dpo and what it imports.
 # data_process_sft.py replaces the repo's file of that name; its train_sft.py, the only importer of the old one,
 # becomes a pointer to ours.
-COPIED = ("hh_sft_dpo.py", "data_process_sft.py", "sft_config.py", "run_env.py", "model_io.py",
+COPIED = ("hh_sft_dpo.py", "data_process_sft.py", "data_formats.py", "sft_config.py", "run_env.py", "model_io.py",
           "save_dir_contract.py")
 UPSTREAM = ("training.py", "risk_dpo_trainer.py", "train_sft.py", "data_process_sft.py", "config_dpo.yaml")
 # Every file a handoff with a record (since bf9780c) touched: a record naming any other path, or marking one of
@@ -327,11 +327,11 @@ def _require_model_folder(model_dir: Path) -> None:
 
 
 def _read_rows(data: str, rows: int):
-    from data_process_sft import load_hh_rows
+    from data_process_sft import load_rows
     from sft_config import ConfigError
 
     try:
-        return load_hh_rows(data, f"train[:{rows}]")
+        return load_rows(data, f"train[:{rows}]")
     except ConfigError as e:
         raise HandoffError(str(e)) from None
 
@@ -352,15 +352,14 @@ def _load_tokenizer(model_dir: Path):
 def _check_vocabulary(model_dir: Path, tokenizer, pairs: dict) -> None:
     """As train_sft.py does at its start: a tokenizer longer than the model's embedding table is refused when the
     compared pairs hold an id past it (the forward would index out of range), else said in one line."""
-    from data_process_sft import tokenize_conversations
     from model_io import vocabulary_gap
 
     vocabulary = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
     if not (gap := vocabulary_gap(tokenizer, vocabulary)):
         return
     rows = [pairs["reference"][i] for i in pairs["compared"]]
-    conversations = [row["prompt"] + row[side] for row in rows for side in ("chosen", "rejected")]
-    if max(max(ids) for ids in tokenize_conversations(tokenizer, conversations)) >= vocabulary:
+    texts = [m["content"] for row in rows for m in row["prompt"] + row["chosen"] + row["rejected"]]
+    if max(max(ids, default=0) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]) >= vocabulary:
         raise HandoffError(f"--model {model_dir}: {gap}, and the compared pairs hold such ids: the model and its "
                            "tokenizer do not match")
     print(f"note: {gap}; the compared pairs hold none of them")

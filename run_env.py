@@ -24,6 +24,7 @@ import socket
 import sys
 from urllib.parse import urlparse
 
+import data_formats
 from sft_config import Config, ConfigError
 
 # Major versions this stage runs on (tested: transformers 5.24.0, trl 1.16.0). It uses transformers 5 names
@@ -65,6 +66,12 @@ def check_before_loading(cfg: Config) -> None:
     if train.load_best and train.eval_steps and train.save_steps % train.eval_steps:
         raise ConfigError(f"sft_training.load_best needs a checkpoint at evaluations: save_steps ({train.save_steps}) "
                           f"must be a multiple of eval_steps ({train.eval_steps})")
+    if train.padding_free and train.packing:
+        raise ConfigError("sft_training.padding_free: packing already trains without padding (rows of max_length); "
+                          "set one of the two")
+    if train.padding_free and train.attn_implementation in ("sdpa", "eager"):
+        raise ConfigError(f"sft_training.padding_free runs its own varlen attention (or flash_attention_2/3): "
+                          f"leave attn_implementation null instead of {train.attn_implementation}")
     if train.use_liger_kernel:
         _require("liger_kernel", "sft_training.use_liger_kernel: true needs liger-kernel (pip install liger-kernel)")
         _require_gpu("sft_training.use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton)")
@@ -74,6 +81,7 @@ def check_before_loading(cfg: Config) -> None:
                           "package (or use sdpa)")
         _require_gpu(f"sft_training.attn_implementation: {train.attn_implementation} needs a CUDA GPU")
     check_local("dataset.dataset_name", cfg.dataset.dataset_name)
+    check_data_format(cfg.dataset.dataset_name)
     check_local("policy_name", cfg.policy_name)
     check_apart(train.save_dir, cfg.policy_name)
     check_hub(cfg.policy_name, cfg.dataset.dataset_name)
@@ -111,6 +119,16 @@ def check_local(key: str, name: str) -> None:
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         hint = " (the demo's base model: run `python train_sft.py --demo` first)" if "demo_run" in name else ""
         raise ConfigError(f"{key}: no such file or folder: {name}{hint}")
+
+
+def check_data_format(name: str) -> None:
+    """A local dataset in none of the formats SFT reads is refused from its first row, in well under a second
+    (the full load comes after torch and the tokenizer)."""
+    if os.path.exists(name):
+        try:
+            data_formats.peek(name)
+        except data_formats.FormatError as e:
+            raise ConfigError(f"dataset {name}: {e}") from None
 
 
 def _require(module: str, message: str) -> None:

@@ -90,6 +90,7 @@ class SFTTrainingConfig(Section):
     max_grad_norm: Annotated[Float, Field(gt=0)] = 1.0
     gradient_checkpointing: Bool = False
     packing: Bool = False  # BFD-pack conversations into full rows (padding-free); default: length-grouped batches
+    padding_free: Bool = False  # the same batches as the default, concatenated into one row: varlen attention
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = None
     use_liger_kernel: Bool = False  # Liger's Triton kernels (GPU, needs liger-kernel)
     torch_compile: Bool = False
@@ -104,6 +105,7 @@ class SFTTrainingConfig(Section):
     sample_prompts: Annotated[Int, Field(ge=0, le=64)] = 4  # replies to K held-out prompts at each eval; 0: off
     neftune_noise_alpha: Annotated[Float, Field(gt=0)] | None = None  # NEFTune: noise on input embeddings
     activation_offloading: Bool = False  # TRL's: activations to CPU memory in the backward pass (CUDA only)
+    ddp_find_unused_parameters: Bool = False  # DDP: look for parameters without gradient each step (none here)
     lora: LoraSettings | None = None  # null: full fine-tuning
     readiness_pairs: Annotated[Int, Field(ge=0)] = 512  # held-out DPO pairs scored at the end; 0: off
     save_dir: PathStr = "sft_model"

@@ -38,8 +38,23 @@ def start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> str
             f"steps), epochs {t.epochs:g}, ~{steps} optimizer steps of {global_batch}\n"
             f"  parallel: {parallel_mode(trainer)}\n"
             f"  {training_mode(trainer, t.lora)}\n"
-            f"{extras_line(t)}"
+            f"{extras_line(t)}{dpo_reader_line(cfg, report)}"
             f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {os.path.abspath(t.save_dir)}")
+
+
+def dpo_reader_line(cfg: Config, report) -> str:
+    """A line when the DPO stage cannot read this run's dataset as it is (not an error: DPO may point elsewhere).
+    dynamic-dpo-v1 reads the shared dataset.dataset_name with its own loader: HH text, from a Hub id or a folder
+    (a single .jsonl file fails there with FileNotFoundError, seen on upstream a8345ab)."""
+    import data_formats
+
+    why = ([f"its rows are {data_formats.NAMES[report.format]}, not HH text"] if report.format != "hh" else []) + (
+        ["it is a single file, and that loader takes a Hub id or a folder"]
+        if os.path.isfile(cfg.dataset.dataset_name) else [])
+    if not why:
+        return ""
+    return (f"  note: the DPO stage (dynamic-dpo-v1) reads dataset.dataset_name with its own loader and cannot read "
+            f"this one as is: {'; '.join(why)}; point its config at HH rows (README: Your own data)\n")
 
 
 def extras_line(t) -> str:

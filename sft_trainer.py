@@ -2,6 +2,7 @@
 
     build_sft_config(cfg)        the `sft_training` section as TRL's SFTConfig (one place, every key)
     prefer_fast_attention()      on CUDA, SDPA without its cuDNN backend (measured 1.6x on the default path)
+    attention_implementation()   the attention the model loads with (padding_free: varlen attention)
     batches_ready(data, ...)     the columns the trainer reads (length-grouped or packed)
     SFTRunTrainer                SFTTrainer + signals, NaN/inf guard, token-weighted eval accuracy, our sampler,
                                  the configured learning rate on resume
@@ -78,6 +79,9 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1) -> SFTConfig:
         torch_compile=t.torch_compile,
         neftune_noise_alpha=t.neftune_noise_alpha,  # transformers' hook, removed when train() returns
         activation_offloading=t.activation_offloading and torch.cuda.is_available(),  # TRL's; CUDA streams
+        # transformers' default (True unless checkpointing) makes DDP walk the graph each step and warn on every
+        # rank: full fine-tuning and LoRA of these models give every trainable parameter a gradient
+        ddp_find_unused_parameters=t.ddp_find_unused_parameters,
         load_best_model_at_end=t.load_best and max_steps < 0,  # (a --dry-run saves no checkpoint)
         metric_for_best_model="eval_loss" if t.load_best or t.early_stopping_patience else None,
         greater_is_better=False,
@@ -114,6 +118,19 @@ def prefer_fast_attention() -> str | None:
         return None
     torch.backends.cuda.enable_cudnn_sdp(False)
     return "SDPA cuDNN backend off (its per-shape set-up cost 1.6x on varying padded lengths)"
+
+
+def attention_implementation(t) -> tuple[str | None, str | None]:
+    """The `attn_implementation` the model loads with, and with padding_free a line saying which kernel attends
+    over its concatenated row (varlen_attention's unless flash_attention_2/3 is set, which read the same
+    boundaries)."""
+    if not t.padding_free:
+        return t.attn_implementation, None
+    if t.attn_implementation:
+        return t.attn_implementation, f"padding_free: one row per step, attention through {t.attn_implementation}"
+    import varlen_attention
+
+    return varlen_attention.register(), varlen_attention.kernel_note()
 
 
 def batches_ready(data, packing: bool, max_length: int):

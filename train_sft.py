@@ -148,10 +148,10 @@ def prepare(run: Run) -> Prepared:
             else:
                 resume_from = contract.last_complete_checkpoint(t.save_dir)
             tokenizer = prepare_tokenizer(dp.load_tokenizer(cfg.policy_name))
-            raw = dp.load_hh_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
+            raw = dp.load_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
             if run.mode == "dry-run":
                 raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
-            collator = dp.CompletionOnlyCollator(tokenizer)
+            collator = (dp.VarlenCollator if t.padding_free else dp.CompletionOnlyCollator)(tokenizer)
             data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length,
                                                 num_proc=t.dataset_num_proc, collator=collator, return_report=True)
             check_split_sizes(cfg, len(data), report)
@@ -203,6 +203,7 @@ def build_trainer(run: Run, prepared: Prepared):
     from sft_report import start_summary
     from sft_trainer import (
         SFTRunTrainer,
+        attention_implementation,
         batches_ready,
         build_peft_config,
         build_sft_config,
@@ -212,7 +213,8 @@ def build_trainer(run: Run, prepared: Prepared):
 
     cfg, t = run.cfg, run.cfg.sft_training
     kernel_note = prefer_fast_attention()
-    model = load_model(cfg.policy_name, t.attn_implementation, cfg.precision, lora=t.lora is not None)
+    attention, attention_note = attention_implementation(t)
+    model = load_model(cfg.policy_name, attention, cfg.precision, lora=t.lora is not None)
     model.config.pad_token_id = model.generation_config.pad_token_id = prepared.tokenizer.pad_token_id
     run_env.start_wandb(cfg, prepared.resume_from)
     train_data, eval_data = (batches_ready(prepared.split[s], t.packing, t.max_length) for s in ("train", "test"))
@@ -227,6 +229,8 @@ def build_trainer(run: Run, prepared: Prepared):
         print(start_summary(cfg, trainer, prepared.report, prepared.split, len(train_data)))
         if kernel_note:
             print(f"  GPU: {kernel_note}")
+        if attention_note:
+            print(f"  attention: {attention_note}")
         if prepared.resume_from:
             print(f"Resuming from {prepared.resume_from} (step {contract.checkpoint_step(prepared.resume_from)}); "
                   "--overwrite starts fresh")

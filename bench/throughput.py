@@ -10,6 +10,9 @@ SFTTrainer setup train_sft.py builds (but `limit`). Only the batching differs:
   baseline  random batches padded to the longest (the plan's and the DPO repo's setup), same masks
   ours      the default path: length-grouped batches (sft_trainer.ConversationLengthSampler)
   packing   `packing: true`: TRL's best-fit-decreasing packing, padding-free
+  varlen    `padding_free: true`: ours' batches (same sampler, labels, loss) concatenated into one row with no
+            padding, attended per conversation (varlen_attention: torch's varlen flash kernel on CUDA, SDPA once
+            per conversation on a CPU); varlen+compile with torch_compile
   ours+liger, ours+pad64, ours+compile, ours+offload   ours with use_liger_kernel, with batches padded to a
             multiple of 64 (fewer distinct shapes), with torch_compile, with activation_offloading (peak memory
             vs tok/s): levers to measure on a GPU
@@ -26,7 +29,10 @@ Per mode, torch.profiler over a few steady steps (excluded from the timing) coun
 (`aten::` ops dispatched), host-device syncs per step (`aten::_local_scalar_dense`, each `.item()` and bool of a
 tensor), and the distinct input shapes of the whole pass: exact counts, stable on a noisy machine, and what a
 launch-bound GPU step pays for. On a CPU fused AdamW itself syncs once per parameter: compare with `limit`.
-Each mode runs in its own process (clean peak memory). The last line printed is one JSON object.
+Each mode runs in its own process (clean peak memory) and records `first_losses`, the training loss of its first
+10 optimizer steps: modes that train the same batches (ours, limit, varlen) train the same thing, and the JSON's
+`first_losses_vs_ours` says by how much they differ (max relative difference). The last line printed is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ SHAPES = {
                          num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
                          max_position_embeddings=131072),
 }
+SAME_BATCHES = ("ours", "limit", "varlen", "varlen+compile", "ours+pad64", "ours+liger", "ours+compile",
+                "ours+offload")  # the modes whose steps hold the same conversations as ours
+FIRST_LOSSES = 10  # optimizer steps whose training loss each mode records
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
@@ -102,6 +111,8 @@ def main() -> None:
            for m, r in results.items() if base and m not in ("baseline", "ours")},
         "ours_vs_limit": round(ours["real_tokens_per_s"] / results["limit"]["real_tokens_per_s"], 3)
         if ours and "limit" in results else None,
+        "first_losses_vs_ours": {m: max_relative_difference(r["first_losses"], ours["first_losses"])
+                                 for m, r in results.items() if ours and m in SAME_BATCHES and m != "ours"},
         "device": next(iter(results.values()))["device"],
         "model_shape": args.model_shape, "conversations": conversations, "batch_size": args.batch_size,
         "max_length": args.max_length, "modes": results,
@@ -171,25 +182,31 @@ def run_mode(mode: str, args) -> dict:
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     profiler = StepProfiler(gpu)
+    losses: list = []  # the first FIRST_LOSSES steps' loss tensors, read after the timing (no sync in a step)
     if mode in ("limit", "math"):
         steps = same_batches(tokenizer, data, args) if mode == "limit" else fixed_rows(tokenizer, data, args)
-        durations, real, computed, shapes = hand_loop(model, steps, gpu, profiler)
+        durations, real, computed, shapes = hand_loop(model, steps, gpu, profiler, losses)
         pack_s, batch_size = 0.0, args.batch_size
     else:
         durations, real, computed, shapes, pack_s, batch_size = trainer_loop(mode, model, tokenizer, data, args, gpu,
-                                                                              profiler)
+                                                                              profiler, losses)
     if args.profile_out:
         profiler.write_report(args.profile_out / f"profile_{mode.replace('+', '_')}.txt", mode)
     return {**measure(durations, real, computed, pack_s, batch_size, model, shape, real_tokens_total / len(data), gpu,
                       skip=profiler.profiled),
-            **profiler.counts(), "shapes": len(shapes)}
+            **profiler.counts(), "shapes": len(shapes), "first_losses": [round(float(x), 6) for x in losses]}
 
 
-def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool, profiler):
+def max_relative_difference(values, reference) -> float | None:
+    pairs = list(zip(values, reference))
+    return round(max(abs(a - b) / abs(b) for a, b in pairs), 8) if pairs else None
+
+
+def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool, profiler, losses: list):
     """One pass through the SFTTrainer setup train_sft.py builds, batched as `mode` says."""
-    from data_process_sft import CompletionOnlyCollator
+    from data_process_sft import CompletionOnlyCollator, VarlenCollator
     from sft_config import Config, DatasetConfig, LoraSettings, SFTTrainingConfig
-    from sft_trainer import SFTRunTrainer, batches_ready, build_peft_config, build_sft_config
+    from sft_trainer import SFTRunTrainer, attention_implementation, batches_ready, build_peft_config, build_sft_config
 
     packing = mode == "packing"
     start = time.perf_counter()
@@ -205,18 +222,32 @@ def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool, profiler):
             wandb_project=None, save_dir=str(Path(os.environ["BENCH_DATA"]).parent / f"out-{mode}"),
             log_steps=10_000, eval_steps=10_000, save_steps=10_000, use_liger_kernel=mode.endswith("+liger"),
             torch_compile=mode.endswith("+compile"), activation_offloading=mode.endswith("+offload"),
-            gradient_checkpointing=False, readiness_pairs=0, lora=LoraSettings() if mode == "lora" else None))
+            gradient_checkpointing=False, readiness_pairs=0, lora=LoraSettings() if mode == "lora" else None,
+            padding_free=mode.startswith("varlen")))
+    attention, _ = attention_implementation(cfg.sft_training)
+    if attention:
+        model.set_attn_implementation(attention)
     sft_config = build_sft_config(cfg)
     sft_config.eval_strategy = sft_config.save_strategy = "no"
     sft_config.disable_tqdm = True
     if mode == "baseline":  # without a `length` column the trainer falls back to transformers' random sampler
         train_data = train_data.remove_columns("length")
     counter, timer = TokenCounter(), StepTimer()
+    collator = VarlenCollator(tokenizer) if mode.startswith("varlen") else CompletionOnlyCollator(
+        tokenizer, pad_to_multiple_of=64 if mode.endswith("+pad64") else None)
     trainer = SFTRunTrainer(model=model, args=sft_config, train_dataset=train_data, processing_class=tokenizer,
-                            data_collator=None if packing else CompletionOnlyCollator(
-                                tokenizer, pad_to_multiple_of=64 if mode.endswith("+pad64") else None),
+                            data_collator=None if packing else collator,
                             callbacks=[timer, profiler], peft_config=build_peft_config(cfg.sft_training.lora))
     trainer.data_collator = counter.wrap(trainer.data_collator)
+    step = trainer.training_step
+
+    def recorded_step(*step_args, **kwargs):  # the loss tensor each optimizer step returns (accumulation 1)
+        loss = step(*step_args, **kwargs)
+        if len(losses) < FIRST_LOSSES:
+            losses.append(loss.detach())
+        return loss
+
+    trainer.training_step = recorded_step
     trainer.train()
     return timer.durations, counter.real, counter.computed, counter.shapes, pack_s, batch_size
 
@@ -254,17 +285,22 @@ def fixed_rows(tokenizer, data, args) -> list[dict]:
             for b in range(0, len(ids) - per_step + 1, per_step)]
 
 
-def hand_loop(model, steps: list[dict], gpu: bool, profiler):
+def hand_loop(model, steps: list[dict], gpu: bool, profiler, losses: list):
     """Forward through TRL's fused LM head patched as SFTTrainer patches it (per-token log-probs, entropy and top-1
     flags of the trained positions: one Triton kernel on a GPU; on a CPU its fallback pays for each output),
-    backward, clip, fused AdamW; no Trainer, no metrics read; batches made before timing (as a loop prefetches)."""
+    backward, clip, fused AdamW on ours' cosine schedule; no Trainer, no metrics read; batches made before timing
+    (as a loop prefetches)."""
     import torch
     from trl.trainer.utils import add_fused_lm_head
 
     device = "cuda" if gpu else "cpu"
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, fused=True)
+    from transformers import get_cosine_schedule_with_warmup
+
+    # The optimizer and schedule ours trains with: SFTTrainingConfig's defaults (5e-6, cosine, no weight decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, weight_decay=0.0, fused=True)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 0, len(steps))
     durations, real, computed = [], [], []
     for step, batch in enumerate(steps, start=1):
         start = time.perf_counter()
@@ -273,8 +309,11 @@ def hand_loop(model, steps: list[dict], gpu: bool, profiler):
             outputs = model(**inputs, use_cache=False, fused_lm_head=True)
             loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)
             loss.backward()
+            if len(losses) < FIRST_LOSSES:
+                losses.append(loss.detach())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if gpu:
                 torch.cuda.synchronize()

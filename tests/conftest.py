@@ -219,9 +219,16 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from data_process_sft import CompletionOnlyCollator
+    from data_process_sft import CompletionOnlyCollator, VarlenCollator
     from sft_config import load_config
-    from sft_trainer import SFTRunTrainer, batches_ready, build_peft_config, build_sft_config, run_callbacks
+    from sft_trainer import (
+        SFTRunTrainer,
+        attention_implementation,
+        batches_ready,
+        build_peft_config,
+        build_sft_config,
+        run_callbacks,
+    )
 
     tokenizer, data = tiny_data()
     folder = Path(folder)
@@ -239,9 +246,13 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    attention, _ = attention_implementation(cfg.sft_training)
+    if attention:
+        model.set_attn_implementation(attention)
+    collator = VarlenCollator if cfg.sft_training.padding_free else CompletionOnlyCollator
     split = data.train_test_split(test_size=0.25, seed=1)
     return SFTRunTrainer(model=model, args=args, processing_class=tokenizer,
-                         data_collator=CompletionOnlyCollator(tokenizer),
+                         data_collator=collator(tokenizer),
                          train_dataset=batches_ready(split["train"], False, 96),
                          eval_dataset=batches_ready(split["test"], False, 96),
                          peft_config=build_peft_config(cfg.sft_training.lora),

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import run_env
 import save_dir_contract
 from conftest import REPO, SAMPLE, assert_ok, cli_env, real_checkpoint, run_cli, write_config
-from data_process_sft import load_hh_rows
+from data_process_sft import load_rows
 from sft_config import ConfigError
 
 
@@ -265,7 +265,7 @@ def test_a_non_utf8_row_is_named_by_file_line_and_byte_offset(tmp_path):
     data = tmp_path / "hh.jsonl"
     data.write_bytes(b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yo"}\n{"chosen": "\\n\\nHuman: h\xffi"}\n')
     with pytest.raises(ConfigError, match=rf"line 2 of {data} is not UTF-8 \(byte offset 69\)"):
-        load_hh_rows(str(data), "train")
+        load_rows(str(data), "train")
 
 
 @pytest.mark.parametrize(("line", "said"), [
@@ -278,7 +278,7 @@ def test_a_malformed_jsonl_line_is_named_with_what_it_holds(tmp_path, line, said
     data = tmp_path / "hh.jsonl"
     data.write_text(SAMPLE.read_text().splitlines()[0] + "\n" + line + "\n")
     with pytest.raises(ConfigError) as error:
-        load_hh_rows(str(data), "train")
+        load_rows(str(data), "train")
     assert f"line 2 of {data} is not valid JSON ({said})" in str(error.value)
 
 
@@ -290,8 +290,9 @@ def test_inspect_on_data_without_chosen_is_one_line(tmp_path, base_model_dir):
     result = run_cli("--config", str(config), "--inspect", cwd=tmp_path, script="data_process_sft.py",
                      env=cli_env())
     assert result.returncode == 2
-    assert [x for x in result.stderr.splitlines() if x.startswith("error")] == [
-        f"error: dataset {data} has no 'chosen' column"]
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: dataset {data}: its columns (text) are none of the "
+                                                     "formats SFT reads")
 
 
 # --- round two: what a second fault trial found -------------------------------------------------------------
