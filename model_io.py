@@ -15,7 +15,7 @@ import json
 import os
 import re
 
-from save_dir_contract import MARK, SET_ASIDE, STAGING, publish, staging_dir
+from save_dir_contract import MARK, SET_ASIDE, STAGING, publish, staging_dir, usual_file_modes
 from sft_config import ConfigError
 
 ADAPTER = "adapter"  # save_dir/adapter: the LoRA adapter of a LoRA run (the weights beside it are merged)
@@ -144,6 +144,7 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
         if dtype is not None and sharded:  # gathered in fp32: cast the files, so every launcher gives one folder
             cast_saved_weights(staging, dtype)
         write_portable_files(staging)
+        usual_file_modes(staging)
         publish(save_dir)
     trainer.save_state()  # trainer_state.json: every logged number
 

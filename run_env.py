@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 import data_formats
 from sft_config import Config, ConfigError
 
+DEMO_BASE = "./demo_run/base_model"  # config_demo.yaml's policy_name, built by `python train_sft.py --demo`
+
 # Major versions this stage runs on (tested: transformers 5.24.0, trl 1.16.0). It uses transformers 5 names
 # (`dtype=`, `activation_checkpointing`, `train_sampling_strategy`) and TRL 1.x's SFTTrainer internals.
 SUPPORTED = {"transformers": (5, 6), "trl": (1, 2)}
@@ -72,6 +74,9 @@ def check_before_loading(cfg: Config) -> None:
     if train.padding_free and train.attn_implementation in ("sdpa", "eager"):
         raise ConfigError(f"sft_training.padding_free runs its own varlen attention (or flash_attention_2/3): "
                           f"leave attn_implementation null instead of {train.attn_implementation}")
+    if package := optimizer_package(train.optim):
+        _require(package[0], f"sft_training.optim: {train.optim} needs the {package[1]} package (pip install "
+                             f"{package[1]}), or use adamw_torch_fused")
     if train.use_liger_kernel:
         _require("liger_kernel", "sft_training.use_liger_kernel: true needs liger-kernel (pip install liger-kernel)")
         _require_gpu("sft_training.use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton)")
@@ -117,8 +122,22 @@ def looks_local(name: str) -> bool:
 
 def check_local(key: str, name: str) -> None:
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
-        hint = " (the demo's base model: run `python train_sft.py --demo` first)" if "demo_run" in name else ""
+        demo = os.path.normpath(name) == os.path.normpath(DEMO_BASE)  # only the demo's own base, when missing
+        hint = " (the demo's base model: run `python train_sft.py --demo` first)" if demo else ""
         raise ConfigError(f"{key}: no such file or folder: {name}{hint}")
+
+
+def optimizer_package(name: str) -> tuple[str, str] | None:
+    """(module, pip name) an optimizer of transformers' needs beyond torch; None for torch's own."""
+    if "bnb" in name or name.startswith(("paged_", "lion_", "ademamix")) or name == "adamw_8bit":
+        return "bitsandbytes", "bitsandbytes"
+    prefixes = {"galore": ("galore_torch", "galore-torch"), "apollo": ("apollo_torch", "apollo-torch"),
+                "schedule_free": ("schedulefree", "schedulefree"), "lomo": ("lomo_optim", "lomo-optim"),
+                "adalomo": ("lomo_optim", "lomo-optim"), "grokadamw": ("grokadamw", "grokadamw"),
+                "adamw_torch_4bit": ("torchao", "torchao"), "adamw_torch_8bit": ("torchao", "torchao"),
+                "adamw_anyprecision": ("torchdistx", "torchdistx"), "adamw_torch_xla": ("torch_xla", "torch_xla"),
+                "adamw_torch_npu": ("torch_npu", "torch-npu"), "stable_adamw": ("optimi", "torch-optimi")}
+    return next((package for prefix, package in prefixes.items() if name.startswith(prefix)), None)
 
 
 def check_data_format(name: str) -> None:

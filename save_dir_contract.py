@@ -275,6 +275,16 @@ def publish(save_dir: str) -> None:
     shutil.rmtree(staging)
 
 
+def usual_file_modes(folder: str) -> None:
+    """Give every file in `folder` the mode a plain open() gives under this process's umask: safetensors writes
+    its weights with 0600 whatever the umask, so colleagues on a shared cluster folder could not read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def write_whole(path: str, value: dict) -> None:
     """Write a JSON file whole (a temporary file renamed into place): a reader never sees half of it."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -17,6 +17,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError
 
+# transformers' optimizer names (TrainingArguments.optim; tests/test_config.py keeps this list equal to theirs)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 DPO_SECTIONS = ("ref_name", "dpo_training", "risk_test", "beta_update", "margin_log")  # read by the DPO stage only
@@ -81,6 +90,8 @@ class SFTTrainingConfig(Section):
     batch_size: Annotated[Int, Field(ge=1)] = 16  # per device
     eval_batch_size: Annotated[Int, Field(ge=1)] = 16
     epochs: Annotated[Float, Field(gt=0, le=1000)] = 1.0
+    max_steps: Annotated[Int, Field(ge=1)] | None = None  # optimizer steps; overrides epochs
+    optim: Literal[OPTIMIZERS] = "adamw_torch_fused"  # transformers' optimizer name
     gradient_accumulation: Annotated[Int, Field(ge=1)] = 1
     global_batch_size: Annotated[Int, Field(ge=1)] | None = None  # sets gradient_accumulation
     max_length: Annotated[Int, Field(ge=8, le=131072)] = 512
@@ -269,7 +280,35 @@ def _section_model(annotation) -> type[BaseModel] | None:
                  if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
+# The names users bring from TRL/transformers, axolotl and torchtune for our keys: suggested by meaning, where
+# spelling would point elsewhere (`lr` is closest to `lora`).
+KNOWN_AS = {
+    "lr": "sft_training.learning_rate", "num_train_epochs": "sft_training.epochs", "num_epochs": "sft_training.epochs",
+    "per_device_train_batch_size": "sft_training.batch_size", "micro_batch_size": "sft_training.batch_size",
+    "per_device_eval_batch_size": "sft_training.eval_batch_size",
+    "gradient_accumulation_steps": "sft_training.gradient_accumulation", "output_dir": "sft_training.save_dir",
+    "max_seq_length": "sft_training.max_length", "sequence_len": "sft_training.max_length",
+    "max_seq_len": "sft_training.max_length", "logging_steps": "sft_training.log_steps",
+    "lr_scheduler": "sft_training.lr_scheduler_type", "optimizer": "sft_training.optim",
+    "model_name_or_path": "policy_name", "base_model": "policy_name", "bf16": "precision",
+}
+
+
+def key_for(name: str) -> str | None:
+    """The dotted config key a bare name means: one of ours (`epochs` -> `sft_training.epochs`) or a name from
+    another tool (KNOWN_AS); None when it is neither."""
+    name = name.replace("-", "_")
+    if name in Config.model_fields:
+        return name
+    sections = [f"{section}.{name}" for section, field in Config.model_fields.items()
+                if name in getattr(_section_model(field.annotation), "model_fields", ())]
+    return sections[0] if sections else KNOWN_AS.get(name)
+
+
 def _unknown(key: str, known: list[str], where: str) -> str:
+    if str(key) in KNOWN_AS:
+        return (f"unknown key '{key}' in {where} (did you mean '{KNOWN_AS[key]}'? '{key}' is its name in "
+                "TRL/axolotl/torchtune)")
     close = difflib.get_close_matches(str(key), known, n=1)
     if not close and where == "top level":  # `epochs=1` on the command line: the key of a section
         close = [f"{name}.{key}" for name, field in Config.model_fields.items()

@@ -13,11 +13,13 @@ import math
 import os
 import sys
 
+import data_formats
 from data_process_sft import read_columns
 from model_io import greedy_reply, held_out_prompts
 from run_env import sharding_requested, size
 from save_dir_contract import checkpoint_step, write_whole
 from sft_config import Config
+from sft_trainer import whole_run_train_loss
 
 
 def start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> str:
@@ -35,7 +37,9 @@ def start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> str
             f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
             f"gradient_accumulation {t.gradient_accumulation} x {world} process(es)\n"
             f"  schedule: learning_rate {args.learning_rate:g} ({t.lr_scheduler_type}, warmup {args.warmup_steps} "
-            f"steps), epochs {t.epochs:g}, ~{steps} optimizer steps of {global_batch}\n"
+            f"steps, {args.optim}), "
+            f"{f'max_steps {steps} (sets the length, not epochs)' if t.max_steps else f'epochs {t.epochs:g}, ~{steps}'}"
+            f" optimizer steps of {global_batch}\n"
             f"  parallel: {parallel_mode(trainer)}\n"
             f"  {training_mode(trainer, t.lora)}\n"
             f"{extras_line(t)}{dpo_reader_line(cfg, report)}"
@@ -46,8 +50,6 @@ def dpo_reader_line(cfg: Config, report) -> str:
     """A line when the DPO stage cannot read this run's dataset as it is (not an error: DPO may point elsewhere).
     dynamic-dpo-v1 reads the shared dataset.dataset_name with its own loader: HH text, from a Hub id or a folder
     (a single .jsonl file fails there with FileNotFoundError, seen on upstream a8345ab)."""
-    import data_formats
-
     why = ([f"its rows are {data_formats.NAMES[report.format]}, not HH text"] if report.format != "hh" else []) + (
         ["it is a single file, and that loader takes a Hub id or a folder"]
         if os.path.isfile(cfg.dataset.dataset_name) else [])
@@ -82,14 +84,19 @@ def training_mode(trainer, lora) -> str:
     params = list(trainer.model.parameters())
     total = sum(p.numel() for p in params)
     if lora is None:
-        return f"training: full fine-tuning of {total / 1e9:.3f}B parameters"
+        return f"training: full fine-tuning of {parameters(total)} parameters"
     trainable = [p for p in params if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     lora_bytes = sum(p.numel() * p.element_size() for p in params if not p.requires_grad) + 16 * n_trainable
     return (f"training: LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on "
-            f"{','.join(lora.target_modules)}: {n_trainable / 1e6:.2f}M trainable of {total / 1e9:.3f}B parameters "
+            f"{','.join(lora.target_modules)}: {parameters(n_trainable)} trainable of {parameters(total)} parameters "
             f"({n_trainable / total:.2%}); weights, gradients and AdamW state ~{size(lora_bytes)} instead "
             f"of ~{size(16 * total)} for full fine-tuning (activations not counted)")
+
+
+def parameters(n: int) -> str:
+    """A parameter count as people say it: 1.236B, 11.3M, 0.4M (not "0.000B")."""
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
 
 def parallel_mode(trainer) -> str:
@@ -125,7 +132,7 @@ def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runti
     epochs_done = trainer.state.epoch or 0.0
     train_counts = read_columns(split["train"], "num_trained", "length")
     metrics = {
-        "train_loss": train_loss(history),
+        "train_loss": whole_run_train_loss(history),
         "eval_loss": last_eval.get("eval_loss", float("nan")),
         "eval_accuracy": last_eval.get("eval_accuracy", float("nan")),
         "global_step": trainer.state.global_step,
@@ -184,17 +191,6 @@ def save_metrics(save_dir: str, metrics: dict) -> None:
     write_whole(os.path.join(save_dir, "metrics.json"), metrics)
 
 
-def train_loss(history: list[dict]) -> float:
-    """Mean training loss over all logged steps, each log entry weighted by the steps it covers."""
-    total, steps, previous = 0.0, 0, 0
-    for entry in history:
-        if "loss" in entry:
-            total += entry["loss"] * (entry["step"] - previous)
-            steps += entry["step"] - previous
-            previous = entry["step"]
-    return total / steps if steps else float("nan")
-
-
 def write_report(cfg: Config, trainer, tokenizer, eval_messages, metrics: dict) -> None:
     """What was trained, at a glance: samples.jsonl, training_curves.png and the model card README.md.
 
@@ -205,7 +201,8 @@ def write_report(cfg: Config, trainer, tokenizer, eval_messages, metrics: dict) 
     parts = {
         "samples.jsonl": lambda path: write_samples(_unsharded_model(trainer, save_dir), tokenizer, eval_messages,
                                                     path),
-        "training_curves.png": lambda path: plot_curves(metrics["log_history"], path),
+        "training_curves.png": lambda path: plot_curves(
+            metrics["log_history"], path, f"SFT of {cfg.policy_name} on {cfg.dataset.dataset_name} -> {save_dir}"),
         **card_parts(cfg, metrics),
     }
     write_parts(save_dir, parts)
@@ -275,8 +272,8 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: list[dict], path: str) -> None:
-    """Train and eval loss (and eval accuracy) against step."""
+def plot_curves(history: list[dict], path: str, title: str) -> None:
+    """Train and eval loss (and eval accuracy) against step, under `title` (the model, data and save_dir)."""
     plt = _pyplot()
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"], h.get("eval_accuracy")) for h in history if "eval_loss" in h]
@@ -297,7 +294,7 @@ def plot_curves(history: list[dict], path: str) -> None:
         more_handles, more_labels = acc.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, loc="center left")
-    ax.set_title("SFT on Anthropic HH")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -413,9 +410,16 @@ on every assistant turn and its `<|eot_id|>`; prompts, headers and padding are m
 {hyper}
 
 ## Use as the DPO reference
+In dynamic-dpo-v1's `config_dpo.yaml`:
 ```yaml
 policy_name: {repo}
 ref_name: {repo}
+```
+Then, once per DPO checkout, from the hh-sft repo (its DPO loss otherwise scores replies without their prompts;
+`uninstall` puts every file back):
+```bash
+python dpo_handoff.py install --dpo-repo path/to/dynamic-dpo-v1
+python dpo_handoff.py check --dpo-repo path/to/dynamic-dpo-v1 --model {repo}
 ```
 Generation stops at `<|eot_id|>` (see `generation_config.json`).
 """

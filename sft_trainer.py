@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from data_process_sft import CompletionOnlyCollator, read_columns
-from save_dir_contract import FINGERPRINT_FILE
+from save_dir_contract import FINGERPRINT_FILE, usual_file_modes
 from sft_config import Config
 
 logger = logging.getLogger("train_sft")
@@ -55,15 +55,17 @@ def run_callbacks(cfg: Config, fingerprint: dict, sample_prompts: list) -> list:
 
 
 def build_sft_config(cfg: Config, *, max_steps: int = -1) -> SFTConfig:
-    """Map the `sft_training` section onto TRL's SFTConfig (one place, every key)."""
+    """Map the `sft_training` section onto TRL's SFTConfig (one place, every key). `max_steps` > 0: a --dry-run of
+    that many steps (no checkpoints)."""
     t = cfg.sft_training
     return SFTConfig(
         output_dir=t.save_dir,
         learning_rate=t.learning_rate,
+        optim=t.optim,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
         num_train_epochs=t.epochs,
-        max_steps=max_steps,
+        max_steps=max_steps if max_steps > 0 else t.max_steps or -1,  # (a --dry-run's 10 steps first)
         gradient_accumulation_steps=t.gradient_accumulation,
         max_length=t.max_length,
         warmup_steps=t.warmup_steps,
@@ -142,6 +144,18 @@ def batches_ready(data, packing: bool, max_length: int):
     if not packing:
         return data.select_columns(["input_ids", "labels", "length"])
     return pack_dataset(data.select_columns(["input_ids", "labels"]), max_length, "bfd")
+
+
+def whole_run_train_loss(history: list[dict]) -> float:
+    """Mean training loss over every logged step of the run (a resumed run's history holds the steps before the
+    resume too), each log entry weighted by the steps it covers."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else float("nan")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -237,19 +251,19 @@ class SampleReplies(TrainerCallback):
         try:
             model.eval()
             rows = []
-            for prompt, _ in self.prompts:
+            for prompt, reference in self.prompts:  # samples.jsonl's schema, plus the step and the time taken
                 start = time.perf_counter()
                 reply, stopped = greedy_reply(model, processing_class, prompt, self.MAX_NEW_TOKENS)
-                rows.append({"step": state.global_step, "prompt": prompt[-1]["content"], "reply": reply,
-                             "stopped_at_eot": stopped, "generate_s": round(time.perf_counter() - start, 3)})
+                rows.append({"step": state.global_step, "prompt": prompt, "reply": reply, "stopped_at_eot": stopped,
+                             "reference": reference, "generate_s": round(time.perf_counter() - start, 3)})
             with open(self.path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             self.done.add(state.global_step)
             wandb = sys.modules.get("wandb")
             if wandb is not None and wandb.run is not None:
-                columns = ["step", "prompt", "reply", "stopped_at_eot"]
-                wandb.run.log({"eval/samples": wandb.Table(columns=columns, data=[[r[c] for c in columns]
-                                                                                  for r in rows])})
+                columns = ["step", "prompt", "reply", "stopped_at_eot"]  # the prompt's last turn as text
+                wandb.run.log({"eval/samples": wandb.Table(columns=columns, data=[
+                    [r["step"], r["prompt"][-1]["content"], r["reply"], r["stopped_at_eot"]] for r in rows])})
         except Exception as e:  # noqa: BLE001 (samples are a view of training, never a reason to stop it)
             self.failed = True
             logger.warning("samples during training failed (%s: %s); training goes on without them",
@@ -260,16 +274,17 @@ class SampleReplies(TrainerCallback):
 
 class WriteRunFingerprint(TrainerCallback):
     """Each checkpoint records the settings that define the run (save_dir_contract.run_fingerprint), so a resume under
-    other ones is refused instead of silently mixing two runs."""
+    other ones is refused instead of silently mixing two runs; its files get the umask's modes (usual_file_modes)."""
 
     def __init__(self, fingerprint: dict):
         self.fingerprint = fingerprint
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", FINGERPRINT_FILE)
-            with open(path, "w", encoding="utf-8") as f:
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            with open(os.path.join(checkpoint, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
                 json.dump(self.fingerprint, f, indent=2)
+            usual_file_modes(checkpoint)
 
 
 class SFTRunTrainer(SFTTrainer):
@@ -411,6 +426,8 @@ class SFTRunTrainer(SFTTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
 
     def log(self, logs, start_time=None):
+        if "train_loss" in logs:  # the Trainer's covers the steps since a resume; one number: the whole run's
+            logs["train_loss"] = whole_run_train_loss(self.state.log_history)
         if self.model.training:
             self._log_step_metrics()
         if "eval_loss" in logs and self._eval_tokens:

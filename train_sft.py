@@ -24,7 +24,7 @@ from typing import Any
 
 import run_env
 import save_dir_contract as contract
-from sft_config import Config, ConfigError, apply_global_batch, load_config
+from sft_config import Config, ConfigError, apply_global_batch, key_for, load_config
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_demo.yaml")
 
@@ -83,7 +83,8 @@ def set_log_levels(ours: int) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage = __doc__.split("\n\n`main()`")[0]  # the commands, not the module map (that is for developers)
+    parser = argparse.ArgumentParser(description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config_dpo.yaml",
                         help="YAML file with an sft_training section (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -95,6 +96,15 @@ def parse_args(argv):
                         help="no training: score held-out preference pairs with the finished model in save_dir")
     parser.add_argument("--overwrite", action="store_true",
                         help="start fresh: delete save_dir's checkpoints instead of resuming, train over a saved model")
+    flags = {option for action in parser._actions for option in action.option_strings}
+    args = sys.argv[1:] if argv is None else argv
+    for i, token in enumerate(args):  # `--learning_rate 1e-5`, as TRL scripts take it: say how it is set here
+        name, _, inline = token[2:].partition("=")
+        if token.startswith("--") and token.split("=")[0] not in flags and (key := key_for(name)):
+            value = inline or (args[i + 1] if i + 1 < len(args) else "VALUE")
+            sys.stderr.write(f"error: {token.split('=')[0]} is not an option here: config keys are set as "
+                             f"section.key=value, e.g. {key}={value}\n")
+            sys.exit(2)
     return parser.parse_intermixed_args(argv)  # overrides may follow --dry-run or --readiness
 
 
@@ -296,7 +306,8 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     # writes the end of the run again (readiness, samples, curves, card).
     sft_report.save_metrics(t.save_dir, metrics)
     print(f"Saved the SFT model to {os.path.abspath(t.save_dir)}")
-    print(f"  train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
+    print(f"  train loss {metrics['train_loss']:.4f} (mean over all {metrics['global_step']} steps of the run), "
+          f"eval loss {metrics['eval_loss']:.4f}, "
           f"eval accuracy {metrics['eval_accuracy']:.4f}", *sft_report.best_lines(metrics), sep="\n")
     print(contract.tidy_finished(t.save_dir, keep_checkpoints=t.keep_checkpoints))
     if t.push_to_hub:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env, run_cli, run_traced
-from sft_config import ConfigError, DatasetConfig, LoraSettings, SFTTrainingConfig, load_config
+from sft_config import OPTIMIZERS, ConfigError, DatasetConfig, LoraSettings, SFTTrainingConfig, load_config
 
 
 def write_config(tmp_path, **sft_overrides):
@@ -241,3 +241,67 @@ def test_every_command_a_message_prints_exists_in_the_installed_environment(comm
     assert shutil.which(program), program
     result = subprocess.run([program, *words, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-500:]
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("sft_training.lr=1e-5", "unknown key 'lr' in 'sft_training' (did you mean 'sft_training.learning_rate'? 'lr' is "
+                             "its name in TRL/axolotl/torchtune)"),
+    ("sft_training.num_train_epochs=2", "did you mean 'sft_training.epochs'?"),
+    ("sft_training.per_device_train_batch_size=8", "did you mean 'sft_training.batch_size'?"),
+    ("sft_training.micro_batch_size=8", "did you mean 'sft_training.batch_size'?"),
+    ("sft_training.output_dir=x", "did you mean 'sft_training.save_dir'?"),
+    ("sft_training.max_seq_length=256", "did you mean 'sft_training.max_length'?"),
+    ("sft_training.sequence_len=256", "did you mean 'sft_training.max_length'?"),
+    ("model_name_or_path=x", "did you mean 'policy_name'?")])
+def test_the_names_other_tools_use_point_at_our_key(tmp_path, override, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(str(write_config(tmp_path)), [override])
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize(("args", "said"), [
+    (["--learning_rate", "1e-5"], "error: --learning_rate is not an option here: config keys are set as "
+                                  "section.key=value, e.g. sft_training.learning_rate=1e-5"),
+    (["--num_train_epochs=3"], "e.g. sft_training.epochs=3"),
+    (["--dataset-name", "x.jsonl"], "e.g. dataset.dataset_name=x.jsonl")])
+def test_a_flag_that_names_a_key_says_how_keys_are_set(args, said):
+    result = run_cli(*args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.endswith(said + "\n")
+    assert result.stderr.startswith("error: --")
+
+
+@pytest.mark.cli
+def test_help_prints_the_commands_not_the_module_map():
+    out = run_cli("--help").stdout
+    assert "python train_sft.py --demo" in out and "save_dir_contract" not in out and "main()" not in out
+
+
+def test_the_demo_hint_only_for_the_demos_own_missing_base(tmp_path, monkeypatch):
+    import run_env
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"run `python train_sft.py --demo` first"):
+        run_env.check_local("policy_name", "./demo_run/base_model")
+    (tmp_path / "demo_run" / "base_model").mkdir(parents=True)
+    with pytest.raises(ConfigError) as refused:
+        run_env.check_local("policy_name", "./demo_run/base_modle")
+    assert "--demo" not in str(refused.value) and "no such file or folder: ./demo_run/base_modle" in str(refused.value)
+
+
+def test_optim_is_one_of_transformers_names_and_a_missing_package_is_one_line(tmp_path):
+    from transformers.training_args import OptimizerNames
+
+    import run_env
+    from sft_trainer import build_sft_config
+
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+    cfg = load_config(str(write_config(tmp_path)), ["sft_training.optim=sgd", "sft_training.max_steps=7"])
+    args = build_sft_config(cfg)
+    assert args.optim == "sgd" and args.max_steps == 7
+    assert build_sft_config(cfg, max_steps=10).max_steps == 10  # --dry-run's steps first
+    with pytest.raises(ConfigError, match="sft_training.optim: must be one of"):
+        load_config(str(write_config(tmp_path)), ["sft_training.optim=adamw"])
+    eight_bit = load_config(str(write_config(tmp_path)), ["sft_training.optim=paged_adamw_8bit"])
+    with pytest.raises(ConfigError, match=r"^sft_training.optim: paged_adamw_8bit needs the bitsandbytes package "
+                                          r"\(pip install bitsandbytes\), or use adamw_torch_fused$"):
+        run_env.check_before_loading(eight_bit)

@@ -264,7 +264,7 @@ def test_the_seed_reaches_the_length_sampler(tmp_path):
 def test_the_train_loss_after_a_resume_covers_every_step_with_log_steps_above_one(tmp_path):
     """A checkpoint at a step that is not a logging step (4, log_steps 3) keeps that step's loss, so the train loss
     of an interrupted run equals an uninterrupted one's."""
-    from sft_report import train_loss
+    from sft_trainer import whole_run_train_loss as train_loss
 
     constant = {"log_steps": 3, "lr_scheduler_type": "constant"}  # the same rate whatever max_steps
     straight = tiny_trainer(tmp_path / "straight", steps=8, **constant)
@@ -272,9 +272,13 @@ def test_the_train_loss_after_a_resume_covers_every_step_with_log_steps_above_on
     first = tiny_trainer(tmp_path / "resumed", steps=4, save_steps=4, **constant)
     first.train()
     second = tiny_trainer(tmp_path / "resumed", steps=8, save_steps=4, **constant)
-    second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-4"))
+    output = second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-4"))
     assert 4 in [h["step"] for h in second.state.log_history if "loss" in h]
     assert train_loss(second.state.log_history) == pytest.approx(train_loss(straight.state.log_history), rel=1e-6)
+    # The Trainer's own train_loss (printed at the end, logged to W&B) is the same whole-run number, not the
+    # mean of the steps since the resume: one train loss per run
+    assert output.metrics["train_loss"] == pytest.approx(train_loss(straight.state.log_history), rel=1e-6)
+    assert second.state.log_history[-1]["train_loss"] == output.metrics["train_loss"]
 
 
 def test_nothing_outside_the_contract_deletes_or_renames_in_save_dir():

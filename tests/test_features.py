@@ -89,7 +89,12 @@ def test_samples_while_training_are_written_at_each_eval_and_never_fail_the_run(
     trainer.add_callback(SampleReplies(prompts, str(tmp_path / "out")))
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples_during_training.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["prompt"]) for r in rows] == [(s, f"Question {i}?") for s in (2, 4) for i in range(2)]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, [{"role": "user", "content": f"Question {i}?"}])
+                                                        for s in (2, 4) for i in range(2)]
+    final = tmp_path / "samples.jsonl"  # one schema with the end-of-run samples (plus step and seconds)
+    sft_report.write_samples(trainer.model, trainer.processing_class, [[*p, {"role": "assistant", "content": r}]
+                                                                       for p, r in prompts], str(final))
+    assert set(rows[0]) - {"step", "generate_s"} == set(json.loads(final.read_text().splitlines()[0]))
     assert all(isinstance(r["reply"], str) and isinstance(r["stopped_at_eot"], bool) for r in rows)
 
     import model_io

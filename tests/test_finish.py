@@ -126,9 +126,10 @@ def test_the_accuracy_axis_of_the_curves_is_the_whole_fraction(tmp_path, monkeyp
     plt = kept_figure(monkeypatch)
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.9, "eval_accuracy": 0.412},
                {"step": 4, "eval_loss": 1.8, "eval_accuracy": 0.421}]
-    sft_report.plot_curves(history, str(tmp_path / "c.png"))
+    sft_report.plot_curves(history, str(tmp_path / "c.png"), "SFT of base on data -> out")
     accuracy = [ax for ax in plt.gcf().axes if ax.get_ylabel() == "next-token accuracy"]
     assert len(accuracy) == 1 and accuracy[0].get_ylim() == (0, 1)
+    assert plt.gcf().axes[0].get_title() == "SFT of base on data -> out"  # names the model, not "Anthropic HH"
 
 
 def test_readiness_histograms_count_whole_pairs_and_their_axes_match_the_titles(tmp_path, monkeypatch):
@@ -195,3 +196,22 @@ def test_a_tokenizer_longer_than_the_models_vocabulary_is_said_at_the_start(tmp_
         assert capsys.readouterr().out == ("note: the tokenizer has 128,257 tokens, the model 128,256 embedding rows: "
                                            "id 128,256 (<|image|> (128256)) has no row; the data holds none "
                                            "of them, so they are never trained or scored\n")
+
+
+def test_weights_in_checkpoints_and_the_final_folder_follow_the_umask(tmp_path):
+    """safetensors writes 0600: colleagues on a shared folder could not read the weights."""
+    import os
+
+    from conftest import tiny_data, tiny_trainer
+    from model_io import save_final_model
+
+    previous = os.umask(0o022)
+    try:
+        trainer = tiny_trainer(tmp_path, steps=2, save_steps=2)
+        trainer.train()
+        save_final_model(trainer, tiny_data()[0], str(tmp_path / "out"), "fp32")
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "out" / "checkpoint-2" / "model.safetensors", tmp_path / "out" / "model.safetensors",
+                 tmp_path / "out" / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
