@@ -305,3 +305,14 @@ def test_optim_is_one_of_transformers_names_and_a_missing_package_is_one_line(tm
     with pytest.raises(ConfigError, match=r"^sft_training.optim: paged_adamw_8bit needs the bitsandbytes package "
                                           r"\(pip install bitsandbytes\), or use adamw_torch_fused$"):
         run_env.check_before_loading(eight_bit)
+
+
+def test_list_length_errors_name_the_right_limit(tmp_path):
+    from sft_config import _one_line
+
+    with pytest.raises(ConfigError,
+                       match=r"^sft_training.lora.target_modules: must have at least 1 item\(s\), got \[\]$"):
+        load_config(str(write_config(tmp_path)), ["sft_training.lora.target_modules=[]"])
+    too_long = {"loc": ("sft_training", "x"), "type": "too_long", "input": [1, 2, 3],
+                "ctx": {"field_type": "List", "max_length": 2, "actual_length": 3}}
+    assert _one_line(too_long) == "sft_training.x: must have at most 2 item(s), got [1, 2, 3]"

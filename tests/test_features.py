@@ -209,3 +209,77 @@ def test_samples_of_a_step_are_written_once_and_none_after_training(tmp_path, mo
     evaluate(6)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["step"], r["reply"]) for r in rows] == [(2, "before the kill"), (4, "a reply")]
+
+
+@pytest.mark.slow
+def test_with_load_best_the_report_gives_the_handed_off_models_numbers(tmp_path):
+    """The end of a load_best run, as train_sft.finish runs it: metrics.json's eval loss is the best checkpoint's
+    (the model handed off), not the last step's, and `best` says it was handed off."""
+    import train_sft
+    from data_process_sft import DataReport
+    from sft_config import load_config
+
+    trainer = evaluating_trainer(tmp_path, load_best=True, readiness_pairs=0, sample_prompts=0)
+    trainer.train()
+    del trainer.log  # the turn was for choosing the best; the final evaluation scores the loaded model as it is
+    losses = eval_losses(trainer)
+    best = min(losses, key=losses.get)
+    tokenizer, data = tiny_data()
+    prepared = train_sft.Prepared(tokenizer, None, DataReport(), data.train_test_split(test_size=0.25, seed=1),
+                                  None, {}, raw=None)
+    run = train_sft.Run(load_config(str(tmp_path / "c.yaml")), mode="train", overwrite=False)
+    assert train_sft.finish(run, trainer, prepared, start=0.0) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["best"]["step"] == best and metrics["best"]["handed_off"] is True
+    assert metrics["eval_loss"] == pytest.approx(losses[best], rel=1e-5)  # the best model's, evaluated again
+    assert metrics["eval_loss"] < losses[max(losses)]
+
+
+def test_best_says_not_handed_off_without_load_best():
+    import types
+
+    from data_process_sft import DataReport
+
+    trainer = types.SimpleNamespace(
+        args=types.SimpleNamespace(metric_for_best_model="eval_loss", world_size=1),
+        state=types.SimpleNamespace(log_history=[{"step": 2, "loss": 1.0}, {"step": 2, "eval_loss": 0.9}],
+                                    epoch=1.0, global_step=2, best_model_checkpoint="out/checkpoint-2",
+                                    best_metric=0.9),
+        callback_handler=types.SimpleNamespace(callbacks=[]))
+    tokenizer, data = tiny_data()
+    cfg = load_config_of(early_stopping_patience=2)
+    metrics = sft_report.collect_metrics(cfg, trainer, DataReport(), {"train": data, "test": data}, {}, 1.0)
+    assert metrics["best"]["handed_off"] is False and metrics["best"]["step"] == 2
+
+
+def load_config_of(**sft):
+    import tempfile
+
+    from sft_config import load_config
+
+    path = tempfile.mktemp(suffix=".yaml")
+    with open(path, "w") as f:
+        f.write(f"policy_name: tiny\ndataset: {{}}\nsft_training: {sft}\n")
+    return load_config(path)
+
+
+def test_stopped_at_eot_holds_for_a_list_of_stop_ids_and_held_out_prompts_need_a_prompt():
+    import types
+
+    from model_io import greedy_reply, held_out_prompts
+
+    tokenizer, _ = tiny_data()
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    class Scripted:  # generates two tokens, the second one a stop id of a list
+        generation_config = types.SimpleNamespace(eos_token_id=[7, eot])
+        device = torch.device("cpu")
+
+        def generate(self, input_ids, **kwargs):
+            return torch.cat([input_ids, torch.tensor([[5, eot]])], dim=1)
+
+    reply, stopped = greedy_reply(Scripted(), tokenizer, [{"role": "user", "content": "Hi"}], 8)
+    assert stopped is True
+    assistant_first = [{"role": "assistant", "content": "Hello."}]
+    usual = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert held_out_prompts([assistant_first, usual], 4) == [(usual[:1], "Hello.")]  # never an empty prompt

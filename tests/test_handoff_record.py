@@ -5,6 +5,7 @@ advice for a repo changed by the older, record-less handoff puts back every byte
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,3 +189,85 @@ def test_two_handoffs_at_once_run_one_after_the_other(tmp_path, pair):
             assert tree.keys() == {*original, *dpo_handoff.COPIED}
         else:
             assert tree == original
+
+
+# --- what the writes themselves must be (issue: held-out mutants of last round's code) --------------------------
+def traced_install(repo, monkeypatch):
+    """Install with os.open / os.fsync / os.replace traced: [(call, path)] in order (fsync by the fd's path)."""
+    calls = []
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def traced_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            calls.append(("open", os.path.realpath(path)))
+        return fd
+
+    def traced_fsync(fd):
+        calls.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def traced_replace(src, dst, *args, **kwargs):
+        calls.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", traced_open)
+    monkeypatch.setattr(os, "fsync", traced_fsync)
+    monkeypatch.setattr(os, "replace", traced_replace)
+    assert dpo_handoff.install(repo) == 0
+    monkeypatch.undo()
+    return calls
+
+
+def test_every_file_is_written_to_a_temporary_flushed_to_disk_then_renamed_never_in_place(dpo_repo, monkeypatch):
+    calls = traced_install(dpo_repo, monkeypatch)
+    record = json.loads((dpo_repo / RECORD).read_text())
+    targets = {str((dpo_repo / name).resolve()) for name in [*record["files"], RECORD]}
+    renamed = {call[2]: call[1] for call in calls if call[0] == "replace"}
+    assert targets <= set(renamed)  # every file we wrote arrived by a rename
+    opened = [call[1] for call in calls if call[0] == "open"]
+    assert opened and all(path.endswith(handoff_record.TEMPORARY) for path in opened)  # never a target in place
+    for i, call in enumerate(calls):
+        if call[0] == "replace":  # its temporary file was fsynced before the rename
+            assert ("fsync", call[1]) in calls[:i], call
+
+
+def test_inserted_lines_take_the_files_ending_when_the_matched_line_is_the_last_without_one(tmp_path):
+    repo = make_repo(tmp_path)
+    training = repo / "training.py"
+    text = training.read_bytes()
+    line = b"output_dir=dpo_train_args['save_dir'],"
+    start = text.index(line)
+    training.write_bytes(text[:start + len(line)])  # CRLF file whose matched line is last, no newline after it
+    assert dpo_handoff.install(repo) == 0
+    installed = training.read_bytes()
+    tail = installed[installed.index(line):]
+    assert tail.count(b"\r\n") == 1 and b"\n" not in tail.replace(b"\r\n", b"")  # CRLF between, none added
+    assert tail.startswith(line + b"\r\n") and not tail.endswith(b"\n") and dpo_handoff.MARK.encode() in tail
+
+
+def test_a_line_matched_twice_is_refused_in_one_line(dpo_repo):
+    training = dpo_repo / "training.py"
+    line = b"hh_ds = build_HH_dataset(raw_ds)"
+    training.write_bytes(training.read_bytes().replace(line, line + b"\r\n    " + line))
+    before = snapshot(dpo_repo)
+    assert_refused(handoff("install", "--dpo-repo", str(dpo_repo)), "training.py is not a shape this handoff knows "
+                   "(expected 'hh_ds = build_HH_dataset(raw_ds)' once")
+    assert snapshot(dpo_repo) == before
+
+
+def test_an_update_from_a_checkout_that_no_longer_ships_a_file_removes_it(dpo_repo, monkeypatch):
+    original = snapshot(dpo_repo)
+    assert dpo_handoff.install(dpo_repo) == 0
+    monkeypatch.setattr(dpo_handoff, "COPIED", tuple(n for n in dpo_handoff.COPIED if n != "save_dir_contract.py"))
+    assert dpo_handoff.install(dpo_repo) == 0
+    assert not (dpo_repo / "save_dir_contract.py").exists()
+    assert "save_dir_contract.py" not in json.loads((dpo_repo / RECORD).read_text())["files"]
+    assert dpo_handoff.uninstall(dpo_repo) == 0 and snapshot(dpo_repo) == original
+
+
+def test_the_dpo_loss_never_cuts_a_prompt_at_trls_default_512():
+    from hh_sft_dpo import dpo_length_args
+
+    args = dpo_length_args(1024)
+    assert args["max_length"] == 1024 and args["max_prompt_length"] is None and args["max_completion_length"] is None

@@ -503,3 +503,59 @@ def test_weights_published_over_a_finished_run_are_not_finished_until_their_repo
     assert save_dir_contract.prepare_save_dir(str(save_dir), overwrite=False, epochs=2) == str(save_dir /
                                                                                                  "checkpoint-42")
     assert "whose final save was cut short: finishing it from" in capsys.readouterr().out
+
+
+# --- held-out mutants: what the contract's writes must be --------------------------------------------------------
+@pytest.mark.parametrize("missing", ["scheduler.pt", "optimizer.pt"])
+def test_a_full_state_checkpoint_without_its_optimizer_or_scheduler_is_never_resumed(tmp_path, missing, capsys):
+    real_checkpoint(tmp_path, 4)
+    newest = real_checkpoint(tmp_path, 8)
+    (newest / "sft_run.json").write_text(json.dumps({"processes": 1, "sft_training.save_only_model": False}))
+    (newest / missing).unlink()
+    assert save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False) == str(tmp_path / "checkpoint-4")
+    assert f"(no {missing}: a resume would restart AdamW and the schedule)" in capsys.readouterr().out
+
+
+def test_publish_renames_the_weights_last_and_a_kill_between_renames_leaves_the_old_weights(tmp_path, monkeypatch):
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    (save_dir / "model.safetensors").write_text("old weights")
+    (save_dir / "config.json").write_text("old config")
+    staging = tmp_path / "out" / ".final-model-tmp"
+    staging.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        (staging / name).write_text(f"new {name}")
+    renamed, real = [], os.replace
+
+    def killed_after_two(src, dst):
+        if len(renamed) == 2:
+            raise KeyboardInterrupt  # stands for a kill between two renames
+        renamed.append(os.path.basename(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        save_dir_contract.publish(str(save_dir))
+    assert "model.safetensors" not in renamed and (save_dir / "model.safetensors").read_text() == "old weights"
+    monkeypatch.setattr(os, "replace", real)
+    renamed.clear()
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(os.path.basename(dst)), real(src, dst)))
+    save_dir_contract.publish(str(save_dir))
+    assert renamed[-1] == "model.safetensors"
+    assert (save_dir / "model.safetensors").read_text() == "new model.safetensors"
+
+
+def test_metrics_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    save_dir_contract.write_whole(str(path), {"global_step": 28})
+    real_dump = json.dump
+
+    def cut(value, f, **kwargs):  # a kill in the middle of the write
+        f.write('{"global_step": 4')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", cut)
+    with pytest.raises(KeyboardInterrupt):
+        save_dir_contract.write_whole(str(path), {"global_step": 42})
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert json.loads(path.read_text()) == {"global_step": 28}  # the previous report, whole

@@ -165,3 +165,23 @@ def test_the_fast_training_loss_syncs_the_host_only_at_logging_steps(tiny, tmp_p
     # TRL reads at least three per step (each `.item()`, and `num_valid > 0` twice); ours one per logging step
     assert syncs[False, True] - syncs[True, True] >= 3 * 6 - 2
     assert syncs[True, False] < syncs[True, True]  # and the masked forward's own checks
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_trains_what_one_large_batch_trains(tmp_path):
+    """4 micro-batches of 2 and one batch of 8, the same 8 conversations (the same seeded order): the loss is over
+    the accumulated batch's trained tokens (TRL's num_items_in_batch), so loss, gradient norm and weights agree.
+    Divided by each micro-batch's own count instead, short conversations would weigh more."""
+    runs = {}
+    for batch, accumulation in ((8, 1), (2, 4)):
+        trainer = tiny_trainer(tmp_path / f"{batch}x{accumulation}", steps=1, batch_size=batch,
+                               gradient_accumulation=accumulation, learning_rate=1e-2)
+        trainer.train_dataset = trainer.train_dataset.remove_columns("length")  # a plain seeded order, same rows
+        trainer.train()
+        logged = next(h for h in trainer.state.log_history if "loss" in h)
+        runs[accumulation] = (logged, {k: v.detach().clone() for k, v in trainer.model.named_parameters()})
+    (one, one_weights), (four, four_weights) = runs[1], runs[4]
+    assert four["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    for name, weight in one_weights.items():
+        torch.testing.assert_close(four_weights[name], weight, rtol=1e-5, atol=1e-6)
