@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from handoff_record import RECORD, RecordError, Scope, apply, locked, original_bytes, read_record, remove_leftovers
-from hh_sft_dpo import build_dpo_pairs, dpo_length_args
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
@@ -387,6 +386,8 @@ def _measure(repo: Path, model_dir: Path, tokenizer, pairs: dict, state: str, ma
     module = importlib.import_module("risk_dpo_trainer")
     compared = pairs["compared"]
     with tempfile.TemporaryDirectory() as tmp:
+        from hh_sft_dpo import dpo_length_args  # (check only: install and uninstall never import torch)
+
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=batch_size, report_to=[], bf16=False, fp16=False,
                          remove_unused_columns=False, **(dpo_length_args(max_len) if state == "installed" else {}))
         policy, ref_model = (AutoModelForCausalLM.from_pretrained(model_dir) for _ in range(2))
@@ -426,6 +427,8 @@ def _require_dpo_stack() -> None:
 def _repo_rows(state: str, raw, tokenizer, max_len: int) -> dict[int, dict]:
     """HH row index -> the DPO row the repo's training.py builds from it (rows it drops are absent)."""
     if state == "installed":
+        from hh_sft_dpo import build_dpo_pairs
+
         return {row.pop("row"): row for row in build_dpo_pairs(raw, tokenizer, max_len)}
     build = importlib.import_module("dataset_process_hh").build_HH_dataset
     rows = {}

@@ -12,13 +12,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 
-# 1. Throughput, Llama-3.2-1B shape: baseline, the default, packing, the same-batches hand loop (limit), the
-#    fixed-shape mask-free ceiling (math), the levers (Liger, pad to 64, torch.compile), LoRA; per mode ops/step,
+# 1. Throughput, Llama-3.2-1B shape: baseline, the default, packing, varlen (padding_free), the same-batches hand
+#    loop (limit), the fixed-shape mask-free ceiling (math), the levers (Liger, pad to 64, torch.compile), LoRA; per mode ops/step,
 #    syncs/step, shapes; then each mode's profile (top ops by CPU and CUDA time, GPU busy share) in $OUT/profile_*.txt
 timeout 540 python bench/throughput.py --model-shape llama-3.2-1b --conversations "${CONVERSATIONS:-1024}" \
-  --modes "${MODES:-baseline,ours,limit,math,packing,ours+pad64,ours+compile,ours+liger,ours+offload,lora}" \
-  --profile-out /tmp/profiles 2>&1 | tee "$OUT/throughput.log" | tail -16
+  --modes "${MODES:-baseline,ours,limit,math,packing,varlen,varlen+compile,ours+pad64,ours+compile,ours+liger,ours+offload,lora}" \
+  --profile-out /tmp/profiles 2>&1 | tee "$OUT/throughput.log" | tail -18
 cat /tmp/profiles/profile_*.txt > "$OUT/profiles.txt"  # one file: the device tool brings back at most 8
+# 1b. If time is left: LoRA on the Llama-3.1-8B shape (tok/s and peak memory; docs/throughput.md's 8B paragraph is
+#     arithmetic until this runs)
+[ "${LORA_8B:-1}" = 1 ] && timeout 200 python bench/throughput.py --model-shape llama-3.1-8b --conversations 256 \
+  --modes lora 2>&1 | tee "$OUT/lora_8b.log" | tail -6
 [ "${END_TO_END:-0}" = 1 ] || exit 0  # the end-to-end runs below passed on the H100 (2026-11-26): END_TO_END=1
 
 # 2. End to end with the FSDP config on one process: exit 0, samples, model in bf16, readiness

@@ -59,6 +59,9 @@ SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
                          max_position_embeddings=131072),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, rope_theta=500000.0, tie_word_embeddings=False,
+                         max_position_embeddings=131072),
 }
 SAME_BATCHES = ("ours", "limit", "varlen", "varlen+compile", "ours+pad64", "ours+liger", "ours+compile",
                 "ours+offload")  # the modes whose steps hold the same conversations as ours
@@ -175,7 +178,8 @@ def run_mode(mode: str, args) -> dict:
     real_tokens_total = sum(data["length"])
     torch.manual_seed(0)
     shape = SHAPES[args.model_shape]
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), use_cache=False, **shape))
+    with torch.device("cuda" if gpu else "cpu"):  # built where it trains (an 8B shape is 32 GB in fp32)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), use_cache=False, **shape))
     model.config.pad_token_id = tokenizer.pad_token_id
     if mode == "lora" and gpu:  # frozen base in bf16, as model_io.load_model does for LoRA
         model.to(torch.bfloat16)

@@ -12,11 +12,11 @@ import sys
 import time
 
 import pytest
-from test_dpo_handoff import assert_refused, handoff, make_installed, make_repo, snapshot
 
 import dpo_handoff
 import handoff_record
 from conftest import REPO, cli_env
+from test_dpo_handoff import assert_refused, handoff, make_installed, make_repo, snapshot
 
 RECORD = handoff_record.RECORD
 

@@ -559,3 +559,24 @@ def test_metrics_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         save_dir_contract.write_whole(str(path), {"global_step": 42})
     monkeypatch.setattr(json, "dump", real_dump)
     assert json.loads(path.read_text()) == {"global_step": 28}  # the previous report, whole
+
+
+@pytest.mark.parametrize("scored", [{"pairs": 0}, None])
+def test_readiness_never_replaces_the_report_when_no_pair_was_scored(tmp_path, base_model_dir, monkeypatch, scored):
+    """Data with pairs, none of them scored (all over max_length: pairs 0; or the scoring failed: None): exit 2 or
+    1, and the run's metrics.json stays as it was."""
+    from datasets import Dataset
+
+    import train_sft
+    from sft_config import load_config
+
+    cfg = load_config(str(write_config(tmp_path, base_model_dir, readiness_pairs=8)))
+    report = {"global_step": 3, "readiness": {"pairs": 5}}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text(json.dumps(report))
+    monkeypatch.setattr(run_env, "start_wandb", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train_sft, "readiness", lambda *args, **kwargs: scored)
+    raw = Dataset.from_dict({"chosen": ["\n\nHuman: a\n\nAssistant: b"], "rejected": ["\n\nHuman: a\n\nAssistant: c"]})
+    prepared = train_sft.Prepared(None, None, None, None, None, {}, raw, finished=json.loads(json.dumps(report)))
+    assert train_sft.readiness_only(train_sft.Run(cfg, "readiness", False), prepared) == (2 if scored else 1)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == report
