@@ -93,6 +93,24 @@ def base_model_dir(tmp_path_factory, llama32_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def small_base_dir(tmp_path_factory):
+    """A base folder like base_model_dir (Llama-3 special tokens, no chat template, no pad token, a tiny random
+    Llama) with a 2,000-token BPE trained on the HH sample instead of the 128k vocabulary: for the harnesses whose
+    point is the run's behaviour (kills, signals, resume, save_dir, several processes), where the 128k-row LM head
+    would be most of each step's time on a CPU."""
+    from data_process_sft import load_raw_dataset
+    from model_io import build_random_llama
+    from sft_demo import train_llama3_style_tokenizer
+
+    out = tmp_path_factory.mktemp("small_base")
+    rows = load_raw_dataset(str(SAMPLE), "train")
+    tokenizer = train_llama3_style_tokenizer((r for r in rows["chosen"] if isinstance(r, str)), vocab_size=2000)
+    build_random_llama(str(out), tokenizer, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
+    return out
+
+
 def write_config(folder, base_model_dir, *, subset="train[:64]", val_ratio=0.2, dataset=SAMPLE, **sft):
     """A config.yaml in `folder` for a tiny CPU run on the HH sample; `sft` overrides sft_training keys."""
     import yaml

@@ -43,9 +43,13 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, base_model_
     assert abs(two["eval_loss"] - one["eval_loss"]) < 2e-3
     from safetensors.torch import load_file
 
-    weights = [load_file(folder / "out" / "model.safetensors") for folder in (single, double)]
-    for name, weight in weights[0].items():  # the same model: accumulation of 2 on one process = 2 processes
-        assert (weights[1][name] - weight).abs().max() < 1e-3, name
+    # The same training: 2 processes move the weights as 1 process with accumulation 2 does (AdamW's update of a
+    # near-zero gradient may take either sign, so the updates are compared as a whole, relative to their size)
+    base = load_file(base_model_dir / "model.safetensors")
+    one_w, two_w = (load_file(folder / "out" / "model.safetensors") for folder in (single, double))
+    update = sum(float((one_w[k] - base[k]).norm() ** 2) for k in base) ** 0.5
+    differ = sum(float((one_w[k] - two_w[k]).norm() ** 2) for k in base) ** 0.5
+    assert update > 0 and differ / update < 0.05, (differ, update)
 
 
 def test_global_batch_size_sets_gradient_accumulation(tmp_path, base_model_dir):

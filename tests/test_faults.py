@@ -59,17 +59,17 @@ def start_logged(config, folder):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
-def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_model_dir, lora):
+def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, small_base_dir, lora):
     """Also the determinism check: same seed and config in another process give the identical loss log. With
     LoRA the checkpoints hold the adapter and its optimizer state: the resumed adapter equals the reference."""
     reference = tmp_path / "reference"
     reference.mkdir()
-    code, _, err = finish(start(write_config(reference, base_model_dir, lora=lora), reference))
+    code, _, err = finish(start(write_config(reference, small_base_dir, lora=lora), reference))
     assert code == 0, err[-2000:]
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    config = write_config(killed, base_model_dir, lora=lora)
+    config = write_config(killed, small_base_dir, lora=lora)
     proc = start(config, killed)
     wait_until((killed / "out" / "checkpoint-6" / "trainer_state.json").exists, proc)
     proc.send_signal(signal.SIGKILL)
@@ -99,8 +99,8 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, base_mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_a_checkpoint_and_exit_non_zero(tmp_path, base_model_dir, sig):
-    config = write_config(tmp_path, base_model_dir, save_steps=1000, epochs=5)  # no scheduled checkpoint
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit_non_zero(tmp_path, small_base_dir, sig):
+    config = write_config(tmp_path, small_base_dir, save_steps=1000, epochs=50)  # no scheduled checkpoint
     proc, _, err_file = start_logged(config, tmp_path)
     time.sleep(3)
     proc.send_signal(sig)
@@ -129,8 +129,8 @@ def test_a_second_signal_ends_the_run_at_once(tmp_path, base_model_dir):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, base_model_dir):
-    config = write_config(tmp_path, base_model_dir, learning_rate=1e12, save_steps=1, max_grad_norm=1e12)
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, small_base_dir):
+    config = write_config(tmp_path, small_base_dir, learning_rate=1e12, save_steps=1, max_grad_norm=1e12)
     code, out, err = finish(start(config, tmp_path))
     assert code == 1, err[-2000:]
     line = next(line for line in err.splitlines() if line.startswith("error: the training loss became"))
@@ -144,8 +144,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 @pytest.mark.slow
-def test_wandb_without_key_goes_offline_by_itself_with_stdin_closed(tmp_path, base_model_dir):
-    config = write_config(tmp_path, base_model_dir, wandb_project="no-key-test")
+def test_wandb_without_key_goes_offline_by_itself_with_stdin_closed(tmp_path, small_base_dir):
+    config = write_config(tmp_path, small_base_dir, wandb_project="no-key-test")
     environ = {k: v for k, v in cli_env().items() if k != "WANDB_MODE"}
     environ.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path))  # no ~/.netrc, no stored key
     code, out, err = finish(start(config, tmp_path, environ), timeout=300)
@@ -155,8 +155,8 @@ def test_wandb_without_key_goes_offline_by_itself_with_stdin_closed(tmp_path, ba
 
 
 @pytest.mark.slow
-def test_secrets_are_never_printed_or_written_and_a_failed_push_keeps_the_model(tmp_path, base_model_dir):
-    config = write_config(tmp_path, base_model_dir, wandb_project="secret-test", push_to_hub=True,
+def test_secrets_are_never_printed_or_written_and_a_failed_push_keeps_the_model(tmp_path, small_base_dir):
+    config = write_config(tmp_path, small_base_dir, wandb_project="secret-test", push_to_hub=True,
                           hub_model_id="someone/sft-test")
     environ = cli_env(WANDB_DIR=str(tmp_path), HF_HUB_OFFLINE="1", **SECRETS)
     code, out, err = finish(start(config, tmp_path, environ))
@@ -202,12 +202,12 @@ def cli(config, *args, environ=None):
 
 PREFLIGHT = {"unwritable": "is not writable", "push_without_token": "there is no Hugging Face token",
              "finished_model": "already holds a finished model",
-             "no_chosen": "has no 'chosen' column", "empty": "fewer than 2 usable rows"}
+             "no_chosen": "are none of the formats SFT reads", "empty": "fewer than 2 usable rows"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(PREFLIGHT))
-def test_preflight_failures_are_one_line_exit_2(tmp_path, base_model_dir, case):
+def test_preflight_failures_are_one_line_exit_2(tmp_path, small_base_dir, case):
     sft, environ = {}, cli_env()
     if case == "unwritable":
         (tmp_path / "a_file").write_text("")
@@ -219,7 +219,7 @@ def test_preflight_failures_are_one_line_exit_2(tmp_path, base_model_dir, case):
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "model.safetensors").write_bytes(b"x")
         (tmp_path / "out" / "metrics.json").write_text('{"tokens_trained": 1}')  # ours
-    config = write_config(tmp_path, base_model_dir, **sft)
+    config = write_config(tmp_path, small_base_dir, **sft)
     if case in ("no_chosen", "empty"):
         data = tmp_path / "data.jsonl"
         data.write_text('{"text": "hi"}\n' if case == "no_chosen" else '{"chosen": "\\n\\nHuman: only a question"}\n')
