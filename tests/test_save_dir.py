@@ -37,7 +37,7 @@ def logged(save_dir, key):
 
 # --- resume only the same run; a lowered learning rate is applied for real -----------------------------------
 @pytest.mark.slow
-def test_the_nan_advice_works_lower_learning_rate_and_run_the_same_command(tmp_path, base_model_dir):
+def test_the_nan_advice_works_lower_learning_rate_and_run_the_same_command(tmp_path, small_base_dir):
     """The run's loss turns NaN from step 5 while learning_rate > 0.01 (injected: a tiny model does not blow up
     on cue); the README says: lower learning_rate, run the same command. Changing a run-defining key instead
     is refused naming it."""
@@ -45,7 +45,7 @@ def test_the_nan_advice_works_lower_learning_rate_and_run_the_same_command(tmp_p
              "def step(self, *a, **k):\n    loss = base(self, *a, **k)\n"
              "    return loss * math.nan if self.args.learning_rate > 0.01 and self.state.global_step >= 4 else loss\n"
              "trl.SFTTrainer.training_step = step")
-    config = write_config(tmp_path, base_model_dir, subset="train[:96]", learning_rate=0.05, save_steps=2,
+    config = write_config(tmp_path, small_base_dir, subset="train[:96]", learning_rate=0.05, save_steps=2,
                           lr_scheduler_type="constant", epochs=1, wandb_project="nan-advice", readiness_pairs=0)
     script = injected(tmp_path, patch)
     env = cli_env(WANDB_DIR=str(tmp_path))
@@ -86,7 +86,7 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_each_change(tmp_path):
 
 # --- one run per save_dir ------------------------------------------------------------------------------------
 @pytest.mark.cli
-def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path, base_model_dir):
+def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path, small_base_dir):
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(REPO)!r}); "
                                f"import save_dir_contract as c; c.prepare_save_dir({str(tmp_path / 'out')!r}, False); "
                                "time.sleep(120)"])
@@ -94,7 +94,7 @@ def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_n
     while not (tmp_path / "out" / ".lock").exists() or not (tmp_path / "out" / ".lock").read_text():
         assert time.time() < deadline
         time.sleep(0.05)
-    result = run_cli("--config", str(write_config(tmp_path, base_model_dir)), cwd=tmp_path)
+    result = run_cli("--config", str(write_config(tmp_path, small_base_dir)), cwd=tmp_path)
     assert result.returncode == 2
     assert f"is in use by a running train_sft.py (pid {holder.pid}: -c)" in result.stderr
     holder.send_signal(signal.SIGKILL)
@@ -168,13 +168,13 @@ def test_nothing_to_resume_in_a_missing_or_half_written_folder(tmp_path):
 
 # --- a full disk ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_disk_full_at_a_checkpoint_is_one_line_and_the_rerun_resumes(tmp_path, base_model_dir):
+def test_disk_full_at_a_checkpoint_is_one_line_and_the_rerun_resumes(tmp_path, small_base_dir):
     patch = ("import errno, torch\nsave = torch.save\n"
              "def full(obj, f, *a, **k):\n"
              "    if 'checkpoint-4' in str(f):\n"
              "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
              "    return save(obj, f, *a, **k)\ntorch.save = full")
-    config = write_config(tmp_path, base_model_dir, save_steps=2)
+    config = write_config(tmp_path, small_base_dir, save_steps=2)
     result = run_cli("--config", str(config), cwd=tmp_path, script=str(injected(tmp_path, patch)))
     assert result.returncode == 1
     [line] = [x for x in result.stderr.splitlines() if x.startswith("error")]
@@ -192,10 +192,10 @@ def test_disk_full_is_recognised_in_torch_words_by_the_free_space(tmp_path, monk
     assert run_env.disk_full(error, str(tmp_path)).startswith("no space left on device in ")
 
 
-def test_disk_budget_counts_save_total_limit_plus_one_checkpoints(tmp_path, base_model_dir, monkeypatch):
+def test_disk_budget_counts_save_total_limit_plus_one_checkpoints(tmp_path, small_base_dir, monkeypatch):
     from sft_config import load_config
 
-    cfg = load_config(str(write_config(tmp_path, base_model_dir, save_total_limit=3)))
+    cfg = load_config(str(write_config(tmp_path, small_base_dir, save_total_limit=3)))
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(run_env.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(ConfigError, match=r": 0\.0 MiB free, 4 checkpoints and the final model of 0\.00B "
@@ -206,8 +206,8 @@ def test_disk_budget_counts_save_total_limit_plus_one_checkpoints(tmp_path, base
 
 # --- a final save cut short; whole-run metrics -----------------------------------------------------------------
 @pytest.mark.slow
-def test_a_run_killed_after_its_weights_were_renamed_is_finished_by_the_rerun(tmp_path, base_model_dir):
-    config = write_config(tmp_path, base_model_dir, save_steps=4, keep_checkpoints=True)
+def test_a_run_killed_after_its_weights_were_renamed_is_finished_by_the_rerun(tmp_path, small_base_dir):
+    config = write_config(tmp_path, small_base_dir, save_steps=4, keep_checkpoints=True)
     assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     out = tmp_path / "out"
     complete = json.loads((out / "metrics.json").read_text())
@@ -223,8 +223,8 @@ def test_a_run_killed_after_its_weights_were_renamed_is_finished_by_the_rerun(tm
 
 
 @pytest.mark.slow
-def test_overwrite_on_the_command_line_trains_fresh_over_a_finished_model(tmp_path, base_model_dir):
-    config = write_config(tmp_path, base_model_dir, save_steps=4, readiness_pairs=0)
+def test_overwrite_on_the_command_line_trains_fresh_over_a_finished_model(tmp_path, small_base_dir):
+    config = write_config(tmp_path, small_base_dir, save_steps=4, readiness_pairs=0)
     assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     refused = run_cli("--config", str(config), cwd=tmp_path)
     assert refused.returncode == 2 and "already holds a finished model; --overwrite deletes it" in refused.stderr
@@ -283,10 +283,10 @@ def test_a_malformed_jsonl_line_is_named_with_what_it_holds(tmp_path, line, said
 
 
 @pytest.mark.cli
-def test_inspect_on_data_without_chosen_is_one_line(tmp_path, base_model_dir):
+def test_inspect_on_data_without_chosen_is_one_line(tmp_path, small_base_dir):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"text": "hi"}\n')
-    config = write_config(tmp_path, base_model_dir, dataset=data, subset="train")
+    config = write_config(tmp_path, small_base_dir, dataset=data, subset="train")
     result = run_cli("--config", str(config), "--inspect", cwd=tmp_path, script="data_process_sft.py",
                      env=cli_env())
     assert result.returncode == 2
@@ -320,9 +320,9 @@ def test_save_dir_and_the_base_model_folder_must_be_apart(tmp_path, where):
 
 
 @pytest.mark.cli
-def test_overwrite_into_the_base_model_folder_is_refused_before_anything_is_removed(tmp_path, base_model_dir):
+def test_overwrite_into_the_base_model_folder_is_refused_before_anything_is_removed(tmp_path, small_base_dir):
     base = tmp_path / "base"
-    shutil.copytree(base_model_dir, base)
+    shutil.copytree(small_base_dir, base)
     before = sorted(p.name for p in base.iterdir())
     config = write_config(tmp_path, base, save_dir=str(base))
     result = run_cli("--config", str(config), "--overwrite", cwd=tmp_path)
@@ -331,8 +331,8 @@ def test_overwrite_into_the_base_model_folder_is_refused_before_anything_is_remo
 
 
 @pytest.mark.cli
-def test_readiness_with_no_pairs_to_score_is_refused(tmp_path, base_model_dir):
-    config = write_config(tmp_path, base_model_dir, readiness_pairs=0)
+def test_readiness_with_no_pairs_to_score_is_refused(tmp_path, small_base_dir):
+    config = write_config(tmp_path, small_base_dir, readiness_pairs=0)
     result = run_cli("--config", str(config), "--readiness", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == ("error: --readiness with sft_training.readiness_pairs: 0 would score nothing; set it, "
@@ -340,8 +340,8 @@ def test_readiness_with_no_pairs_to_score_is_refused(tmp_path, base_model_dir):
 
 
 @pytest.mark.cli
-def test_a_val_ratio_that_leaves_no_train_rows_is_one_line(tmp_path, base_model_dir):
-    config = write_config(tmp_path, base_model_dir, subset="train[:60]", val_ratio=0.999)
+def test_a_val_ratio_that_leaves_no_train_rows_is_one_line(tmp_path, small_base_dir):
+    config = write_config(tmp_path, small_base_dir, subset="train[:60]", val_ratio=0.999)
     result = run_cli("--config", str(config), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = [x for x in result.stderr.splitlines() if x.startswith("error")]
@@ -356,14 +356,14 @@ def test_the_resume_command_is_quoted_for_the_shell(monkeypatch):
     assert command.startswith("python ") and shlex.split(command)[1:] == sys.argv
 
 
-def test_wandb_that_cannot_be_reached_goes_offline_without_waiting(tmp_path, base_model_dir, monkeypatch, capsys):
+def test_wandb_that_cannot_be_reached_goes_offline_without_waiting(tmp_path, small_base_dir, monkeypatch, capsys):
     """A key but no route to the W&B server: one TCP connect decides, wandb.init is never asked to try (it
     stalled ~90 s before giving up)."""
     import wandb
 
     from sft_config import load_config
 
-    cfg = load_config(str(write_config(tmp_path, base_model_dir, wandb_project="p")))
+    cfg = load_config(str(write_config(tmp_path, small_base_dir, wandb_project="p")))
     (tmp_path / "out").mkdir()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
@@ -377,11 +377,11 @@ def test_wandb_that_cannot_be_reached_goes_offline_without_waiting(tmp_path, bas
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_its_end_of_run_report_is_finished_by_the_rerun(tmp_path, base_model_dir):
+def test_a_run_killed_in_its_end_of_run_report_is_finished_by_the_rerun(tmp_path, small_base_dir):
     """Killed while scoring readiness (after the final weights): the rerun finishes the report (readiness,
     samples, curves, our model card) instead of refusing a 'finished' model. A damaged checkpoint set aside is
     named at start and kept."""
-    config = write_config(tmp_path, base_model_dir, save_steps=4, readiness_pairs=8)
+    config = write_config(tmp_path, small_base_dir, save_steps=4, readiness_pairs=8)
     patch = "import os, sft_readiness\nsft_readiness.score_readiness = lambda *a, **k: os._exit(137)"
     killed = run_cli("--config", str(config), cwd=tmp_path, script=str(injected(tmp_path, patch)))
     out = tmp_path / "out"
@@ -398,12 +398,12 @@ def test_a_run_killed_in_its_end_of_run_report_is_finished_by_the_rerun(tmp_path
 
 
 @pytest.mark.slow
-def test_reordered_data_rows_are_refused_on_resume(tmp_path, base_model_dir):
+def test_reordered_data_rows_are_refused_on_resume(tmp_path, small_base_dir):
     """Same rows, same tokens, another order: another train/eval split; the fingerprint covers the token ids."""
     data = tmp_path / "hh.jsonl"
     rows = SAMPLE.read_text().splitlines()[:40]
     data.write_text("\n".join(rows) + "\n")
-    config = write_config(tmp_path, base_model_dir, dataset=data, subset="train", save_steps=4,
+    config = write_config(tmp_path, small_base_dir, dataset=data, subset="train", save_steps=4,
                           keep_checkpoints=True, readiness_pairs=0)
     first = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     assert "  resume state kept (checkpoint-" in first
@@ -416,10 +416,10 @@ def test_reordered_data_rows_are_refused_on_resume(tmp_path, base_model_dir):
 
 
 @pytest.mark.slow
-def test_a_resume_refused_under_torchrun_is_one_line_on_every_rank(tmp_path, base_model_dir):
+def test_a_resume_refused_under_torchrun_is_one_line_on_every_rank(tmp_path, small_base_dir):
     """Resumed with 2 processes after a 1-process run: every rank says the same refusal and exits 2 (rank 1 used
     to die in gloo while rank 0 printed it)."""
-    config = write_config(tmp_path, base_model_dir, save_steps=4, keep_checkpoints=True, readiness_pairs=0)
+    config = write_config(tmp_path, small_base_dir, save_steps=4, keep_checkpoints=True, readiness_pairs=0)
     assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     (tmp_path / "out" / "metrics.json").unlink()
     result = run_cli("--config", str(config), cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"),
@@ -468,20 +468,20 @@ def test_a_checkpoint_name_that_is_not_a_folder_is_refused_and_nothing_is_delete
     assert (outside / "keep.txt").read_text() == "the user's" and (save_dir / "checkpoint-4").is_dir()
 
 
-def test_path_keys_expand_the_home_folder(tmp_path, monkeypatch, base_model_dir):
+def test_path_keys_expand_the_home_folder(tmp_path, monkeypatch, small_base_dir):
     from sft_config import load_config
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    config = write_config(tmp_path, base_model_dir, save_dir="~/sft_out")
+    config = write_config(tmp_path, small_base_dir, save_dir="~/sft_out")
     text = config.read_text().replace(str(SAMPLE), "~/data.jsonl")
-    config.write_text(text.replace(f"policy_name: {base_model_dir}", "policy_name: ~/base"))
+    config.write_text(text.replace(f"policy_name: {small_base_dir}", "policy_name: ~/base"))
     cfg = load_config(str(config))
     assert cfg.sft_training.save_dir == str(tmp_path / "sft_out")
     assert cfg.dataset.dataset_name == str(tmp_path / "data.jsonl") and cfg.policy_name == str(tmp_path / "base")
     assert load_config(str(config), ["policy_name=meta-llama/Llama-3.2-1B"]).policy_name == "meta-llama/Llama-3.2-1B"
 
 
-def test_weights_published_over_a_finished_run_are_not_finished_until_their_report(tmp_path, base_model_dir,
+def test_weights_published_over_a_finished_run_are_not_finished_until_their_report(tmp_path, small_base_dir,
                                                                                     capsys):
     """A continuation (more epochs) killed after its new weights were published and before metrics.json: the old
     report is gone with the publish, so --readiness refuses the folder and the rerun finishes it."""
@@ -499,7 +499,7 @@ def test_weights_published_over_a_finished_run_are_not_finished_until_their_repo
     assert (save_dir / "model.safetensors").read_text() == "step-42 weights"
     assert not (save_dir / "metrics.json").exists()
     with pytest.raises(ConfigError, match="does not read as a finished run's report"):
-        save_dir_contract.finished_run(str(save_dir), load_config(str(write_config(tmp_path, base_model_dir))))
+        save_dir_contract.finished_run(str(save_dir), load_config(str(write_config(tmp_path, small_base_dir))))
     assert save_dir_contract.prepare_save_dir(str(save_dir), overwrite=False, epochs=2) == str(save_dir /
                                                                                                  "checkpoint-42")
     assert "whose final save was cut short: finishing it from" in capsys.readouterr().out
@@ -562,7 +562,7 @@ def test_metrics_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("scored", [{"pairs": 0}, None])
-def test_readiness_never_replaces_the_report_when_no_pair_was_scored(tmp_path, base_model_dir, monkeypatch, scored):
+def test_readiness_never_replaces_the_report_when_no_pair_was_scored(tmp_path, small_base_dir, monkeypatch, scored):
     """Data with pairs, none of them scored (all over max_length: pairs 0; or the scoring failed: None): exit 2 or
     1, and the run's metrics.json stays as it was."""
     from datasets import Dataset
@@ -570,7 +570,7 @@ def test_readiness_never_replaces_the_report_when_no_pair_was_scored(tmp_path, b
     import train_sft
     from sft_config import load_config
 
-    cfg = load_config(str(write_config(tmp_path, base_model_dir, readiness_pairs=8)))
+    cfg = load_config(str(write_config(tmp_path, small_base_dir, readiness_pairs=8)))
     report = {"global_step": 3, "readiness": {"pairs": 5}}
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "metrics.json").write_text(json.dumps(report))
