@@ -21,8 +21,8 @@ def fingerprint(checkpoint, **values):
 
 # --- 1. kept checkpoints continue a finished run for more epochs ---------------------------------------------
 @pytest.mark.slow
-def test_a_finished_run_with_kept_checkpoints_continues_when_epochs_are_raised(tmp_path, base_model_dir):
-    config = write_config(tmp_path, base_model_dir, subset="train[:24]", save_steps=4, keep_checkpoints=True,
+def test_a_finished_run_with_kept_checkpoints_continues_when_epochs_are_raised(tmp_path, small_base_dir):
+    config = write_config(tmp_path, small_base_dir, subset="train[:24]", save_steps=4, keep_checkpoints=True,
                           readiness_pairs=0, sample_prompts=0)
     first = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     assert "raise sft_training.epochs and run the same command to continue" in first
@@ -98,18 +98,18 @@ def test_two_damaged_checkpoints_of_the_same_step_are_both_kept(tmp_path):
 
 
 # --- 4. --readiness scores the run's own split or nothing ------------------------------------------------------
-def finished_folder(tmp_path, base_model_dir, **changes):
-    cfg = load_config(str(write_config(tmp_path, base_model_dir)))
+def finished_folder(tmp_path, small_base_dir, **changes):
+    cfg = load_config(str(write_config(tmp_path, small_base_dir)))
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"weights")
     contract.write_whole(str(out / "metrics.json"), {"tokens_trained": 1, "config": cfg.to_dict()})
-    config = write_config(tmp_path, base_model_dir, **changes)
+    config = write_config(tmp_path, small_base_dir, **changes)
     return load_config(str(config)), out
 
 
-def test_readiness_refuses_a_config_that_would_score_another_split(tmp_path, base_model_dir):
-    cfg, out = finished_folder(tmp_path, base_model_dir)
+def test_readiness_refuses_a_config_that_would_score_another_split(tmp_path, small_base_dir):
+    cfg, out = finished_folder(tmp_path, small_base_dir)
     assert contract.finished_run(str(out), cfg)["tokens_trained"] == 1
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())
     data["dataset"]["seed"] = 7
@@ -119,19 +119,19 @@ def test_readiness_refuses_a_config_that_would_score_another_split(tmp_path, bas
         contract.finished_run(str(out), load_config(str(tmp_path / "config.yaml")))
 
 
-def test_readiness_refuses_an_unreadable_report_in_one_line(tmp_path, base_model_dir):
-    cfg, out = finished_folder(tmp_path, base_model_dir)
+def test_readiness_refuses_an_unreadable_report_in_one_line(tmp_path, small_base_dir):
+    cfg, out = finished_folder(tmp_path, small_base_dir)
     (out / "metrics.json").write_text('{"cut')
     with pytest.raises(ConfigError, match=r"metrics\.json does not read as a finished run's report \(JSONDecodeError"):
         contract.finished_run(str(out), cfg)
 
 
 @pytest.mark.slow
-def test_readiness_never_replaces_the_report_with_an_empty_one(tmp_path, base_model_dir):
+def test_readiness_never_replaces_the_report_with_an_empty_one(tmp_path, small_base_dir):
     chosen_only = tmp_path / "chosen.jsonl"
     chosen_only.write_text("".join(json.dumps({"chosen": json.loads(line)["chosen"]}) + "\n"
                                    for line in SAMPLE.read_text().splitlines()[:64]))
-    cfg, out = finished_folder(tmp_path, base_model_dir, dataset=chosen_only, readiness_pairs=8)
+    cfg, out = finished_folder(tmp_path, small_base_dir, dataset=chosen_only, readiness_pairs=8)
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["config"] = cfg.to_dict()  # the run trained on rows without a rejected reply
     (out / "metrics.json").write_text(json.dumps(metrics))
@@ -187,19 +187,19 @@ def test_overrides_may_follow_a_mode_flag():
 
 
 # --- behaviours a mutation audit found unpinned ---------------------------------------------------------------
-def test_the_run_fingerprint_holds_the_lora_settings(tmp_path, base_model_dir):
+def test_the_run_fingerprint_holds_the_lora_settings(tmp_path, small_base_dir):
     lora = {"r": 8, "alpha": 24.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
-    cfg = load_config(str(write_config(tmp_path, base_model_dir, lora=lora)))
+    cfg = load_config(str(write_config(tmp_path, small_base_dir, lora=lora)))
     report = type("Report", (), {"rows_kept": 3, "tokens": 9})()
     assert contract.run_fingerprint(cfg, report, "d", 1)["sft_training.lora"] == lora
-    plain = load_config(str(write_config(tmp_path, base_model_dir)))
+    plain = load_config(str(write_config(tmp_path, small_base_dir)))
     assert contract.run_fingerprint(plain, report, "d", 1)["sft_training.lora"] is None
 
 
-def test_lora_under_deepspeed_is_refused_like_fsdp(tmp_path, base_model_dir, monkeypatch):
+def test_lora_under_deepspeed_is_refused_like_fsdp(tmp_path, small_base_dir, monkeypatch):
     import run_env
 
-    cfg = load_config(str(write_config(tmp_path, base_model_dir, lora={})))
+    cfg = load_config(str(write_config(tmp_path, small_base_dir, lora={})))
     for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.setenv(variable, "true")
         with pytest.raises(ConfigError, match=r"^sft_training\.lora runs single-process or with DDP"):
@@ -208,10 +208,10 @@ def test_lora_under_deepspeed_is_refused_like_fsdp(tmp_path, base_model_dir, mon
 
 
 @pytest.mark.parametrize(("lora", "dtype"), [(False, torch.float32), (True, torch.bfloat16)])
-def test_full_fine_tuning_in_bf16_keeps_fp32_master_weights(base_model_dir, lora, dtype):
+def test_full_fine_tuning_in_bf16_keeps_fp32_master_weights(small_base_dir, lora, dtype):
     from model_io import load_model
 
-    model = load_model(str(base_model_dir), precision="bf16", lora=lora)
+    model = load_model(str(small_base_dir), precision="bf16", lora=lora)
     assert {p.dtype for p in model.parameters()} == {dtype}
 
 

@@ -12,21 +12,21 @@ from conftest import REPO, assert_ok, cli_env, run_cli
 from sft_config import ConfigError, apply_global_batch, load_config
 
 
-def write_config(folder, base_model_dir, **sft):
-    return conftest.write_config(folder, base_model_dir, val_ratio=0.25, eval_batch_size=4, **sft)
+def write_config(folder, small_base_dir, **sft):
+    return conftest.write_config(folder, small_base_dir, val_ratio=0.25, eval_batch_size=4, **sft)
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_accumulation(tmp_path, base_model_dir):
+def test_two_processes_match_one_process_with_accumulation(tmp_path, small_base_dir):
     env = cli_env(OMP_NUM_THREADS="1")
     single = tmp_path / "single"
     single.mkdir()
-    assert_ok(run_cli("--config", str(write_config(single, base_model_dir, gradient_accumulation=2)), cwd=single,
+    assert_ok(run_cli("--config", str(write_config(single, small_base_dir, gradient_accumulation=2)), cwd=single,
                       env=env))
 
     double = tmp_path / "double"
     double.mkdir()
-    result = run_cli("--config", str(write_config(double, base_model_dir, global_batch_size=8)), cwd=double,
+    result = run_cli("--config", str(write_config(double, small_base_dir, global_batch_size=8)), cwd=double,
                      env=env, launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))
     out = assert_ok(result)
     assert "find_unused_parameters" not in result.stderr  # DDP's per-rank warning: no graph walk each step
@@ -45,24 +45,24 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, base_model_
 
     # The same training: 2 processes move the weights as 1 process with accumulation 2 does (AdamW's update of a
     # near-zero gradient may take either sign, so the updates are compared as a whole, relative to their size)
-    base = load_file(base_model_dir / "model.safetensors")
+    base = load_file(small_base_dir / "model.safetensors")
     one_w, two_w = (load_file(folder / "out" / "model.safetensors") for folder in (single, double))
     update = sum(float((one_w[k] - base[k]).norm() ** 2) for k in base) ** 0.5
     differ = sum(float((one_w[k] - two_w[k]).norm() ** 2) for k in base) ** 0.5
     assert update > 0 and differ / update < 0.05, (differ, update)
 
 
-def test_global_batch_size_sets_gradient_accumulation(tmp_path, base_model_dir):
-    cfg = load_config(str(write_config(tmp_path, base_model_dir, global_batch_size=64)))
+def test_global_batch_size_sets_gradient_accumulation(tmp_path, small_base_dir):
+    cfg = load_config(str(write_config(tmp_path, small_base_dir, global_batch_size=64)))
     assert apply_global_batch(cfg, 2).sft_training.gradient_accumulation == 8  # 64 / (4 x 2)
     assert apply_global_batch(cfg, 8).sft_training.gradient_accumulation == 2
     with pytest.raises(ConfigError, match=r"global_batch_size: 64 is not a multiple of batch_size 4 x 3 process"):
         apply_global_batch(cfg, 3)
 
 
-def test_global_batch_size_and_gradient_accumulation_together_is_an_error(tmp_path, base_model_dir):
+def test_global_batch_size_and_gradient_accumulation_together_is_an_error(tmp_path, small_base_dir):
     with pytest.raises(ConfigError, match="set global_batch_size or gradient_accumulation, not both"):
-        load_config(str(write_config(tmp_path, base_model_dir, global_batch_size=64,
+        load_config(str(write_config(tmp_path, small_base_dir, global_batch_size=64,
                                                gradient_accumulation=2)))
 
 
@@ -93,14 +93,14 @@ def rank_pid(agent_pid: int, rank: int) -> int | None:
     return None
 
 
-def signal_one_rank(tmp_path, base_model_dir, sig, delay):
+def signal_one_rank(tmp_path, small_base_dir, sig, delay):
     """Start a 2-process torchrun run, send `sig` to rank 1 only `delay` s after training starts, wait for the
     launcher to end (a guard against a hang, not a speed limit). Returns (launch command, env, stderr, rank pids)."""
     import os
     import subprocess
     import time
 
-    config = write_config(tmp_path, base_model_dir, save_steps=1000, epochs=3, subset="train[:64]")
+    config = write_config(tmp_path, small_base_dir, save_steps=1000, epochs=30, subset="train[:64]")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_sft.py"),
               "--config", str(config)]
     env = cli_env(OMP_NUM_THREADS="1")
@@ -122,14 +122,14 @@ def signal_one_rank(tmp_path, base_model_dir, sig, delay):
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.5, 2.5])
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_launch_command_resumes(
-        tmp_path, base_model_dir, delay):
+        tmp_path, small_base_dir, delay):
     """SIGTERM to rank 1 only (what a scheduler that signals one node does), early or later in the run: every
     rank stops at the same step, one complete checkpoint is written, no hang, no abort; the printed resume
     command is torchrun's, printed once, and running it resumes from that checkpoint to the end."""
     import signal
     import subprocess
 
-    launch, env, err, _ = signal_one_rank(tmp_path, base_model_dir, signal.SIGTERM, delay)
+    launch, env, err, _ = signal_one_rank(tmp_path, small_base_dir, signal.SIGTERM, delay)
     assert "Aborted" not in err and "SIGABRT" not in err, err[-3000:]
     checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"))
     assert len(checkpoints) == 1, err[-3000:]
@@ -149,10 +149,10 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_launch_c
 
 
 @pytest.mark.slow
-def test_kill_9_of_one_rank_ends_every_process(tmp_path, base_model_dir):
+def test_kill_9_of_one_rank_ends_every_process(tmp_path, small_base_dir):
     import os
     import signal
 
-    _, _, err, pids = signal_one_rank(tmp_path, base_model_dir, signal.SIGKILL, 1.0)
+    _, _, err, pids = signal_one_rank(tmp_path, small_base_dir, signal.SIGKILL, 1.0)
     assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], err[-2000:]
     assert not list((tmp_path / "out").glob("checkpoint-*"))
