@@ -26,9 +26,9 @@ def no_prompt_rows(path, n=24):
 
 
 @pytest.mark.slow
-def test_eval_rows_without_a_prompt_do_not_fail_the_report(tmp_path, base_model_dir):
+def test_eval_rows_without_a_prompt_do_not_fail_the_report(tmp_path, small_base_dir):
     data = no_prompt_rows(tmp_path / "hh.jsonl")
-    config = write_config(tmp_path, base_model_dir, dataset=data, subset="train", val_ratio=0.5, readiness_pairs=0)
+    config = write_config(tmp_path, small_base_dir, dataset=data, subset="train", val_ratio=0.5, readiness_pairs=0)
     out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     assert "Reference readiness" not in out and not (tmp_path / "out" / "readiness_margins.png").exists()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["readiness"] is None  # readiness_pairs: 0
@@ -37,9 +37,9 @@ def test_eval_rows_without_a_prompt_do_not_fail_the_report(tmp_path, base_model_
     assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "training_curves.png").is_file()
 
 
-def test_a_failing_report_part_is_one_warning_and_the_rest_is_written(tmp_path, base_model_dir, monkeypatch,
+def test_a_failing_report_part_is_one_warning_and_the_rest_is_written(tmp_path, small_base_dir, monkeypatch,
                                                                      capsys, llama32_tokenizer):
-    cfg = load_config(str(write_config(tmp_path, base_model_dir)))
+    cfg = load_config(str(write_config(tmp_path, small_base_dir)))
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(sft_report, "plot_curves", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
     monkeypatch.setattr(sft_report, "write_samples", lambda model, tok, messages, path: open(path, "w").close())
@@ -70,11 +70,11 @@ def test_gathered_weights_are_cast_to_the_run_precision(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
-def test_fsdp_config_on_cpu_says_it_does_not_shard_and_ends_with_one_bf16_model(tmp_path, base_model_dir,
+def test_fsdp_config_on_cpu_says_it_does_not_shard_and_ends_with_one_bf16_model(tmp_path, small_base_dir,
                                                                                  processes):
     """accelerate runs FSDP only on GPUs; on CPU the run must say so (not silently run DDP) and still end with
     exit 0, the report and one model in `precision`."""
-    config = write_config(tmp_path, base_model_dir)
+    config = write_config(tmp_path, small_base_dir)
     config.write_text(config.read_text().replace("precision: fp32", "precision: bf16"))
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "accelerate_configs" / "fsdp.yaml"), "--num_processes", str(processes))
@@ -149,7 +149,7 @@ def test_readiness_histograms_count_whole_pairs_and_their_axes_match_the_titles(
     assert re.search(r"\d+ of 6 pairs > 0", ax.get_title())
 
 
-def test_ctrl_c_in_the_final_save_is_one_line_naming_the_command_that_finishes_it(tmp_path, base_model_dir,
+def test_ctrl_c_in_the_final_save_is_one_line_naming_the_command_that_finishes_it(tmp_path, small_base_dir,
                                                                                   monkeypatch, capsys):
     import model_io
     import train_sft
@@ -159,7 +159,7 @@ def test_ctrl_c_in_the_final_save_is_one_line_naming_the_command_that_finishes_i
 
     monkeypatch.setattr(model_io, "save_final_model", interrupted)
     monkeypatch.setattr(sys, "argv", ["train_sft.py", "--config", "c.yaml"])
-    run = train_sft.Run(cfg=load_config(str(write_config(tmp_path, base_model_dir))), mode="train", overwrite=False)
+    run = train_sft.Run(cfg=load_config(str(write_config(tmp_path, small_base_dir))), mode="train", overwrite=False)
     trainer = types.SimpleNamespace(state=types.SimpleNamespace(log_history=[], global_step=3),
                                     evaluate=lambda: {"eval_loss": 1.0})
     assert train_sft.finish(run, trainer, types.SimpleNamespace(tokenizer=None), start=0.0) == 130

@@ -121,10 +121,10 @@ def test_a_dataset_in_no_format_or_two_is_one_line_naming_its_columns_and_the_fo
 
 
 @pytest.mark.cli
-def test_an_unknown_format_is_refused_from_its_first_row_before_torch_is_imported(tmp_path, base_model_dir):
+def test_an_unknown_format_is_refused_from_its_first_row_before_torch_is_imported(tmp_path, small_base_dir):
     data = tmp_path / "mine.jsonl"
     data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
-    config = write_config(tmp_path, base_model_dir, dataset=data)
+    config = write_config(tmp_path, small_base_dir, dataset=data)
     result, trace = run_traced("--config", str(config), tmp_path=tmp_path, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: dataset {data}: its columns (instruction, output) are none of")
@@ -132,12 +132,12 @@ def test_an_unknown_format_is_refused_from_its_first_row_before_torch_is_importe
 
 
 @pytest.mark.slow
-def test_a_run_on_conversational_pairs_trains_and_readiness_scores_them(tmp_path, base_model_dir):
+def test_a_run_on_conversational_pairs_trains_and_readiness_scores_them(tmp_path, small_base_dir):
     """`dataset_name` a .jsonl of TRL's conversational preference pairs: SFT trains `chosen`, evaluates, saves,
     says the DPO stage cannot read the file as is, scores the held-out pairs; `--readiness` scores them again."""
     raw = load_raw_dataset(str(SAMPLE), "train[:64]")
     data = converted(tmp_path, "preference", [r for r in raw if isinstance(r["chosen"], str)])
-    config = write_config(tmp_path, base_model_dir, dataset=data, subset="train", readiness_pairs=16)
+    config = write_config(tmp_path, small_base_dir, dataset=data, subset="train", readiness_pairs=16)
     out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     assert "data: format conversational preference (TRL); rows read" in out
     assert "note: the DPO stage (dynamic-dpo-v1) reads dataset.dataset_name with its own loader" in out
@@ -150,10 +150,10 @@ def test_a_run_on_conversational_pairs_trains_and_readiness_scores_them(tmp_path
 
 
 @pytest.mark.slow
-def test_a_run_on_a_messages_file_trains_evaluates_and_saves(tmp_path, base_model_dir):
+def test_a_run_on_a_messages_file_trains_evaluates_and_saves(tmp_path, small_base_dir):
     raw = load_raw_dataset(str(SAMPLE), "train[:64]")
     data = converted(tmp_path, "messages", [r for r in raw if isinstance(r["chosen"], str)])
-    config = write_config(tmp_path, base_model_dir, dataset=data, subset="train")
+    config = write_config(tmp_path, small_base_dir, dataset=data, subset="train")
     out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
     assert "data: format messages (TRL conversational); rows read" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

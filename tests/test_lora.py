@@ -12,18 +12,27 @@ import torch
 from conftest import assert_ok, cli_env, run_cli, stack_env, write_config
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
-IDS = [128000, 128006, 882, 128007, 271, 13347, 128009, 128006, 78191, 128007, 271, 9906, 0, 128009]
+
+
+def chat_ids(folder):
+    """One user/assistant exchange in the saved chat format, as token ids of the folder's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": "Hello!"}], tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, base_model_dir):
+def lora_run(tmp_path_factory, small_base_dir):
     folder = tmp_path_factory.mktemp("lora_run")
-    config = write_config(folder, base_model_dir, lora=LORA, learning_rate=1e-2, readiness_pairs=8)
+    config = write_config(folder, small_base_dir, lora=LORA, learning_rate=1e-2, readiness_pairs=8)
     return folder, folder / "out", assert_ok(run_cli("--config", str(config), cwd=folder))
 
 
 @pytest.mark.slow
-def test_a_lora_run_says_what_it_trains_and_saves_a_merged_model_with_its_adapter(lora_run, base_model_dir):
+def test_a_lora_run_says_what_it_trains_and_saves_a_merged_model_with_its_adapter(lora_run, small_base_dir):
     from transformers import AutoModelForCausalLM
 
     _, save_dir, out = lora_run
@@ -34,10 +43,11 @@ def test_a_lora_run_says_what_it_trains_and_saves_a_merged_model_with_its_adapte
     adapter = json.loads((save_dir / "adapter" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (LORA["r"], LORA["alpha"])  # the keys reach peft
     assert "Trained with LoRA (r 4, alpha 8" in (save_dir / "README.md").read_text()
-    merged, base = (AutoModelForCausalLM.from_pretrained(p) for p in (save_dir, base_model_dir))
+    merged, base = (AutoModelForCausalLM.from_pretrained(p) for p in (save_dir, small_base_dir))
     assert not any("lora" in k for k in merged.state_dict())
+    ids = torch.tensor([chat_ids(save_dir)])
     with torch.no_grad():
-        assert (merged(torch.tensor([IDS])).logits - base(torch.tensor([IDS])).logits).abs().max() > 1e-4
+        assert (merged(ids).logits - base(ids).logits).abs().max() > 1e-4
 
 
 @pytest.mark.slow
@@ -45,24 +55,24 @@ def test_the_merged_lora_model_is_the_same_function_in_the_dpo_stack(lora_run, d
     from transformers import AutoModelForCausalLM
 
     _, save_dir, _ = lora_run
-    there = tmp_path / "logits.pt"
+    there, ids = tmp_path / "logits.pt", chat_ids(save_dir)
     script = ("import sys, torch, transformers; from transformers import AutoModelForCausalLM; "
               "assert transformers.__version__ == '4.57.3'; "
               f"m = AutoModelForCausalLM.from_pretrained({str(save_dir)!r}); "
-              f"torch.save(m(torch.tensor([{IDS}])).logits.detach(), {str(there)!r})")
+              f"torch.save(m(torch.tensor([{ids}])).logits.detach(), {str(there)!r})")
     result = subprocess.run([sys.executable, "-c", script], env=stack_env(dpo_stack), capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     here = AutoModelForCausalLM.from_pretrained(save_dir)
     with torch.no_grad():
-        assert (torch.load(there) - here(torch.tensor([IDS])).logits).abs().max().item() <= 1e-5
+        assert (torch.load(there) - here(torch.tensor([ids])).logits).abs().max().item() <= 1e-5
 
 
 @pytest.mark.slow
-def test_lora_under_torchrun_with_packing_and_gradient_checkpointing(tmp_path, base_model_dir):
+def test_lora_under_torchrun_with_packing_and_gradient_checkpointing(tmp_path, small_base_dir):
     from transformers import AutoModelForCausalLM
 
-    config = write_config(tmp_path, base_model_dir, lora=LORA, packing=True, gradient_checkpointing=True,
+    config = write_config(tmp_path, small_base_dir, lora=LORA, packing=True, gradient_checkpointing=True,
                           readiness_pairs=0)
     out = assert_ok(run_cli("--config", str(config), cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"),
                             launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")))
@@ -76,6 +86,6 @@ def test_lora_under_torchrun_with_packing_and_gradient_checkpointing(tmp_path, b
     ("sft_training.lora.target_modules=[qkv]", "error: sft_training.lora.target_modules.0: must be one of q_proj, "),
     ("sft_training.lora=yes", "error: sft_training.lora: must be a mapping of keys, got bool"),
 ])
-def test_a_bad_lora_key_is_one_line(tmp_path, base_model_dir, override, message):
-    result = run_cli("--config", str(write_config(tmp_path, base_model_dir)), override, cwd=tmp_path)
+def test_a_bad_lora_key_is_one_line(tmp_path, small_base_dir, override, message):
+    result = run_cli("--config", str(write_config(tmp_path, small_base_dir)), override, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
