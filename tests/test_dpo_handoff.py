@@ -4,6 +4,8 @@ puts back the original byte for byte; `check`, in the DPO repo's pinned stack (T
 scores replies without their prompts and passes once installed; the installed loss trains like TRL's DPOTrainer."""
 
 import base64
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -44,7 +46,18 @@ def snapshot(repo):
 
 
 def handoff(*args, env=None):
-    return run_cli(*args, script="dpo_handoff.py", env=env)
+    """dpo_handoff.py's command line. install and uninstall run in this process (fast, and where mutmut and coverage
+    see them; the script's own process is run by the race and run-from-inside-the-repo tests); check runs in a
+    process of its own, in the stack `env` names."""
+    if args[0] == "check" or env is not None:
+        return run_cli(*args, script="dpo_handoff.py", env=env)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = dpo_handoff.main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_refused(result, *needles):
@@ -64,7 +77,6 @@ def newer_checkout(tmp_path):
     return source
 
 
-@pytest.mark.cli
 def test_install_edits_records_keeps_crlf_and_uninstall_restores_every_byte(dpo_repo):
     before = snapshot(dpo_repo)
     first = handoff("install", "--dpo-repo", str(dpo_repo))
@@ -103,7 +115,6 @@ def test_install_edits_records_keeps_crlf_and_uninstall_restores_every_byte(dpo_
     assert snapshot(dpo_repo) == before
 
 
-@pytest.mark.cli
 def test_uninstall_with_no_record_touches_nothing_not_even_the_repos_own_modules(dpo_repo):
     """Case 1: the repo's own data_process_sft.py (its train_sft.py imports it) was deleted by an uninstall that
     had nothing to undo."""
@@ -114,7 +125,6 @@ def test_uninstall_with_no_record_touches_nothing_not_even_the_repos_own_modules
         assert snapshot(dpo_repo) == before
 
 
-@pytest.mark.cli
 def test_a_stale_backup_is_never_put_back_and_user_edits_are_never_dropped_silently(dpo_repo):
     """Case 2: a NAME.hh-sft-backup left by an older install; edits made to an installed file after install."""
     stale = dpo_repo / "training.py.hh-sft-backup"
@@ -138,7 +148,6 @@ def test_a_stale_backup_is_never_put_back_and_user_edits_are_never_dropped_silen
     assert snapshot(dpo_repo) == before  # the original, not the stale copy; the stale copy untouched
 
 
-@pytest.mark.cli
 def test_a_file_deleted_after_install_is_named_not_recreated(dpo_repo):
     assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
     (dpo_repo / "risk_dpo_trainer.py").unlink()
@@ -204,7 +213,6 @@ def make_installed(folder):
     return repo
 
 
-@pytest.mark.cli
 def test_an_update_from_a_newer_checkout_is_undone_to_the_original_not_to_the_older_install(dpo_repo, tmp_path):
     """Case 4: an update install once backed up the files install itself had added, and uninstall 'restored' them."""
     before = snapshot(dpo_repo)
@@ -235,7 +243,6 @@ def test_install_is_refused_from_inside_the_dpo_repo_and_leaves_no_copy_of_itsel
     assert snapshot(dpo_repo) == before
 
 
-@pytest.mark.cli
 @pytest.mark.parametrize("damage", ["read_only", "not_utf8", "symlink", "unknown_line", "older_install", "not_repo"])
 def test_install_refuses_an_unsafe_or_unknown_tree_in_one_line_before_writing_anything(dpo_repo, tmp_path, damage):
     """Case 5 (a read-only, non-UTF-8 or symlinked file) and the shapes install does not know."""

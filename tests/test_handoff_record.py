@@ -64,7 +64,6 @@ CASES = ["absolute_path", "parent_path", "unknown_name", "original_not_its_sha",
          "files_a_list", "other_version", "not_json", "not_base64", "a_folder"]
 
 
-@pytest.mark.cli
 @pytest.mark.parametrize("case", CASES)
 def test_a_hostile_record_is_refused_in_one_line_and_nothing_inside_or_outside_the_repo_is_touched(tmp_path, case):
     repo = make_installed(tmp_path / "installed") if case in ("parent_path", "absolute_path") else \
@@ -86,7 +85,6 @@ def test_a_hostile_record_is_refused_in_one_line_and_nothing_inside_or_outside_t
             assert snapshot(repo) == before and victim.read_bytes() == outside, (command, extra)
 
 
-@pytest.mark.cli
 def test_a_leftover_symlink_at_a_temporary_path_is_never_written_through_nor_deleted(dpo_repo, tmp_path):
     outside = tmp_path / "outside.py"
     outside.write_bytes(b"# the user's file\n")
@@ -97,7 +95,6 @@ def test_a_leftover_symlink_at_a_temporary_path_is_never_written_through_nor_del
     assert snapshot(dpo_repo) == before and link.is_symlink() and outside.read_bytes() == b"# the user's file\n"
 
 
-@pytest.mark.cli
 def test_a_changed_file_the_user_deleted_is_named_and_put_back_with_discard_changes(dpo_repo):
     original = snapshot(dpo_repo)
     assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
