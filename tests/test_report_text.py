@@ -1,0 +1,269 @@
+"""What a run and the handoff check say, word for word: the start summary, the end-of-run best-eval lines, the
+model card and `dpo_handoff.py check`'s table, each compared with a reviewed copy in tests/golden/ (a changed
+number format, a dropped line or a swapped label fails here; the end-to-end runs only look for phrases).
+
+An intended change: `UPDATE_GOLDEN=1 python -m pytest tests/test_report_text.py`, then review `git diff tests/golden`.
+"""
+
+import dataclasses
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import dpo_handoff
+import sft_report
+from conftest import REPO
+from data_process_sft import DataReport
+from sft_config import load_config
+
+GOLDEN = Path(__file__).parent / "golden"
+SHIPPED_FILE = "data/hh_sample.jsonl"
+
+
+def matches_golden(name: str, text: str, tmp_path) -> None:
+    text = text.replace(str(tmp_path), "<cwd>")
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text, encoding="utf-8")
+    assert path.read_text(encoding="utf-8") == text, (
+        f"{name} differs from {path}; if the change is intended, run UPDATE_GOLDEN=1 python -m pytest "
+        f"tests/test_report_text.py and review the diff")
+
+
+def config(tmp_path, monkeypatch, *overrides):
+    """The shipped config_dpo.yaml with `overrides`, its save_dir relative to a tmp working folder."""
+    monkeypatch.chdir(tmp_path)
+    return load_config(str(REPO / "config_dpo.yaml"), overrides=["sft_training.save_dir=sft_out", *overrides])
+
+
+def data_report(**changes):
+    fields = {"rows_read": 1500, "rows_kept": 1487, "dropped": {"empty_reply": 9, "no_assistant_turn": 4},
+              "tokens": 412_345, "assistant_tokens": 131_072, "truncated": 17,
+              "length_percentiles": {"p50": 210, "p95": 700}, "assistant_turns_mean": 2.25}
+    return DataReport(**{**fields, **changes})
+
+
+def trainer(model, world_size=1, max_steps=-1, fsdp=False):
+    """What start_summary reads from transformers' Trainer."""
+    args = SimpleNamespace(world_size=world_size, max_steps=max_steps, learning_rate=2e-5, warmup_steps=12,
+                           optim="adamw_torch_fused")
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2))
+    return SimpleNamespace(args=args, model=model, accelerator=SimpleNamespace(state=state),
+                           is_fsdp_enabled=fsdp, is_deepspeed_enabled=False)
+
+
+def lora_model():
+    """A frozen 1M-parameter base with a 2,080-parameter trainable adapter."""
+    base, adapter = torch.nn.Linear(1000, 1000), torch.nn.Linear(40, 52)
+    base.requires_grad_(False)
+    return torch.nn.Sequential(base, adapter)
+
+
+SPLIT = {"train": [None] * 1190, "test": [None] * 297}
+
+
+def test_the_start_summary_of_the_default_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    cfg = config(tmp_path, monkeypatch)
+    text = sft_report.start_summary(cfg, trainer(torch.nn.Linear(300, 400)), data_report(), SPLIT, 1190)
+    matches_golden("start_summary_default.txt", text + "\n", tmp_path)
+
+
+def test_the_start_summary_of_a_lora_packed_run_on_a_messages_file_with_every_extra(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    cfg = config(tmp_path, monkeypatch, f"dataset.dataset_name={REPO / SHIPPED_FILE}", "sft_training.packing=true",
+                 "sft_training.max_steps=40", "sft_training.lora={r: 8, alpha: 16}", "sft_training.load_best=true",
+                 "sft_training.early_stopping_patience=3", "sft_training.neftune_noise_alpha=5",
+                 "sft_training.activation_offloading=true", "sft_training.sample_prompts=2",
+                 "sft_training.gradient_accumulation=2", "sft_training.save_steps=50", "sft_training.eval_steps=50")
+    text = sft_report.start_summary(cfg, trainer(lora_model(), world_size=2, max_steps=40),
+                                    data_report(format="messages"), SPLIT, 640)
+    matches_golden("start_summary_lora_packed.txt", text.replace(str(REPO), "<repo>") + "\n", tmp_path)
+
+
+def test_the_parallel_mode_under_fsdp_and_counts_as_people_say_them():
+    assert sft_report.parallel_mode(trainer(torch.nn.Linear(2, 2), world_size=4, fsdp=True)).startswith(
+        "FSDP2 (sharded), 4 process(es)")
+    assert [sft_report.parameters(n) for n in (1_235_814_400, 11_300_000, 400_000, 99_999, 12)] == [
+        "1.236B", "11.3M", "0.4M", "99,999", "12"]
+
+
+def metrics(cfg, *, best=None, readiness=None):
+    """A finished run's metrics.json, as collect_metrics and the readiness report write it."""
+    out = {"train_loss": 1.23456, "eval_loss": 1.5, "eval_accuracy": 0.61234, "global_step": 297, "global_batch": 16,
+           "train_conversations": 1190, "eval_conversations": 297, "tokens_trained": 131072, "tokens_seen": 412345,
+           "data": dataclasses.asdict(data_report(truncated=1)), "runtime_s": 812.4}
+    if best:
+        out["best"] = best
+        out["config"] = {"sft_training": {"early_stopping_patience": 3}}
+    if readiness:
+        out["readiness"] = readiness
+    return out
+
+
+READINESS = {"pairs": 64, "sft_chosen_logp": -101.23456, "base_chosen_logp": -140.5, "sft_rejected_logp": -110.25,
+             "base_rejected_logp": -139.75, "sft_chosen_logp_per_token": -1.234567,
+             "base_chosen_logp_per_token": -1.75, "chosen_raised_share": 0.9375, "pref_accuracy": 0.59375,
+             "pref_accuracy_per_token": 0.5625, "margin_mean": 2.5, "margin_std": 10.125,
+             "margin_percentiles": {"p5": -12.5, "p25": -3.25, "p50": 1.5, "p75": 7.75, "p95": 20.0}}
+
+
+def test_the_model_card_of_a_local_full_fine_tune(tmp_path, monkeypatch):
+    cfg = config(tmp_path, monkeypatch)
+    matches_golden("model_card_full.md", sft_report.model_card(cfg, metrics(cfg)), tmp_path)
+
+
+def test_the_model_card_of_a_pushed_lora_run_with_its_best_eval_and_readiness(tmp_path, monkeypatch):
+    cfg = config(tmp_path, monkeypatch, "sft_training.lora={r: 8, alpha: 16, dropout: 0.05}",
+                 "sft_training.push_to_hub=true", "sft_training.hub_model_id=you/llama-3.2-1b-hh-sft",
+                 "sft_training.load_best=true", "sft_training.save_steps=50", "sft_training.eval_steps=50")
+    best = {"step": 150, "eval_loss": 1.4321, "handed_off": True, "stopped_early": False}
+    matches_golden("model_card_lora_pushed.md", sft_report.model_card(cfg, metrics(cfg, best=best,
+                                                                                    readiness=READINESS)), tmp_path)
+
+
+@pytest.mark.parametrize(("handed_off", "stopped_early"), [(True, True), (False, False)])
+def test_the_best_eval_lines_and_card_row_say_which_model_was_saved(tmp_path, monkeypatch, handed_off,
+                                                                    stopped_early):
+    cfg = config(tmp_path, monkeypatch)
+    m = metrics(cfg, best={"step": 150, "eval_loss": 1.4321, "handed_off": handed_off,
+                           "stopped_early": stopped_early})
+    text = "\n".join([*sft_report.best_lines(m), sft_report.best_row(m)])
+    matches_golden(f"best_lines_{handed_off}_{stopped_early}.txt", text + "\n", tmp_path)
+    assert sft_report.best_lines(metrics(cfg)) == [] and sft_report.best_row(metrics(cfg)) == ""
+    unknown = metrics(cfg, best={"step": None, "eval_loss": None, "handed_off": False, "stopped_early": False})
+    assert sft_report.best_lines(unknown) == [] and sft_report.best_row(unknown) == ""
+
+
+def check_result(state, scored, rows=(10, 11)):
+    expected = np.array([[5, 7], [3, 4]])
+    return {"repo": "r", "state": state, "model": "sft_out", "data": "hh.jsonl", "max_len": 512, "rows_read": 40,
+            "rows": np.array(rows), "expected_tokens": expected, "scored_tokens": np.array(scored),
+            "dropped_by_repo_builder": 3, "dropped_by_sft_builder": 1}
+
+
+@pytest.mark.parametrize(("state", "scored", "diff"), [
+    ("installed", [[5, 7, 5, 7], [3, 4, 3, 4]], [[0, 1e-6, 0, 0], [0, 0, 2e-7, 0]]),
+    ("upstream", [[2, 3, 2, 3], [3, 4, 3, 4]], [[1.5, 2.25, 1.5, 2.25], [0, 0, 0, 0]]),
+    ("installed", [[5, 7, 5, 7], [3, 4, 3, 4]], [[0, 0, 0, 0], [0, 2e-3, 0, 0]]),
+])
+def test_the_handoff_checks_table_and_verdict(capsys, tmp_path, state, scored, diff):
+    code = dpo_handoff._verdict(check_result(state, scored), np.array(diff, dtype=float), Path("dpo"))
+    out, err = capsys.readouterr()
+    passed = "passed" if code == 0 else "failed"
+    matches_golden(f"check_{state}_{passed}.txt", f"exit {code}\n--- stdout\n{out}--- stderr\n{err}", tmp_path)
+
+
+def test_the_rows_named_by_the_check_stop_at_twelve():
+    assert dpo_handoff._rows(np.arange(12)) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"
+    assert dpo_handoff._rows(np.arange(13)) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, ... (13 in all)"
+    assert dpo_handoff._rows(np.arange(0)) == "none"
+
+
+@pytest.mark.parametrize("command", [[], ["install"], ["uninstall"], ["check"]])
+def test_the_handoffs_help(capsys, tmp_path, monkeypatch, command):
+    """What `python dpo_handoff.py [install|uninstall|check] --help` prints (the help is the tool's manual)."""
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setattr("sys.argv", ["dpo_handoff.py"])
+    with pytest.raises(SystemExit) as stop:
+        dpo_handoff.main([*command, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out.replace(str(REPO), "<repo>")
+    matches_golden(f"help_dpo_handoff_{'_'.join(command) or 'top'}.txt", text, tmp_path)
+
+
+def test_what_metrics_json_holds_after_a_run_with_load_best_and_early_stopping(tmp_path, monkeypatch):
+    import json
+
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+
+    cfg = config(tmp_path, monkeypatch, "sft_training.load_best=true", "sft_training.early_stopping_patience=2",
+                 "sft_training.save_steps=50", "sft_training.eval_steps=50", "sft_training.gradient_accumulation=2")
+    stopper = EarlyStoppingCallback(early_stopping_patience=2)
+    stopper.early_stopping_patience_counter = 2
+    history = [{"step": 50, "loss": 2.0}, {"step": 50, "eval_loss": 1.5, "eval_accuracy": 0.4},
+               {"step": 100, "loss": 1.0}, {"step": 100, "eval_loss": 1.6, "eval_accuracy": 0.5},
+               {"step": 100, "train_loss": 1.5}]
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(metric_for_best_model="eval_loss", world_size=2),
+        state=SimpleNamespace(log_history=history, epoch=1.5, global_step=100,
+                              best_model_checkpoint="sft_out/checkpoint-50", best_metric=1.5),
+        callback_handler=SimpleNamespace(callbacks=[object(), stopper]))
+    split = {"train": Dataset.from_dict({"num_trained": [30, 40, 50], "length": [100, 110, 121]}),
+             "test": Dataset.from_dict({"num_trained": [1], "length": [2]})}
+    metrics = sft_report.collect_metrics(cfg, trainer, data_report(), split, {"eval_loss": 1.5}, 812.44)
+    metrics.pop("config")  # the whole config, as its own tests read it
+    matches_golden("metrics_load_best.json", json.dumps(metrics, indent=1, sort_keys=True) + "\n", tmp_path)
+    without = sft_report.collect_metrics(cfg, SimpleNamespace(**{**vars(trainer), "args": SimpleNamespace(
+        metric_for_best_model=None, world_size=1)}), data_report(), split, {}, 1.0)
+    assert "best" not in without and without["eval_loss"] == 1.6 and without["eval_accuracy"] == 0.5
+    assert without["global_batch"] == 16 * 2 * 1
+
+
+def describe_figure(fig) -> str:
+    """What a saved figure shows, as text: size, titles, axis labels and limits, each line and bar, the legend."""
+    def pair(values):
+        return tuple(round(float(v), 4) for v in values)
+
+    suptitle = fig._suptitle.get_text() if fig._suptitle else None
+    lines = [f"figure {pair(fig.get_size_inches())} in, dpi {fig.dpi:g}, suptitle {suptitle!r}"]
+    for i, ax in enumerate(fig.axes):
+        lines.append(f"axes {i}: title {ax.get_title()!r} ({ax.title.get_fontsize():g} pt); x {ax.get_xlabel()!r} "
+                     f"{pair(ax.get_xlim())}; y {ax.get_ylabel()!r} {pair(ax.get_ylim())}")
+        for line in ax.get_lines():
+            label = "" if line.get_label().startswith("_") else repr(line.get_label())
+            lines.append(f"  line {label} {line.get_color()} {line.get_marker()} {line.get_linestyle()} "
+                         f"alpha {line.get_alpha()} width {line.get_linewidth():g}: "
+                         f"{list(zip(pair(line.get_xdata()), pair(line.get_ydata())))}")
+        if ax.patches:
+            first, last = ax.patches[0], ax.patches[-1]
+            lines.append(f"  {len(ax.patches)} bars, {sum(p.get_height() for p in ax.patches):g} counted, colour "
+                         f"{pair(first.get_facecolor())}, from {first.get_x():.4g} to "
+                         f"{last.get_x() + last.get_width():.4g}")
+        if ax.get_legend():
+            lines.append(f"  legend {[t.get_text() for t in ax.get_legend().get_texts()]} at {ax.get_legend()._loc}")
+        lines.append(f"  grid {any(g.get_visible() for g in ax.get_xgridlines())}; integer y ticks "
+                     f"{getattr(ax.yaxis.get_major_locator(), '_integer', False)}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures the report saves, kept open for describe_figure (and still written to disk)."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    saved, save = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        saved.append(fig)
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    return saved
+
+
+def test_the_training_curves(tmp_path, saved_figures):
+    history = [{"step": 10, "loss": 2.5}, {"step": 20, "loss": 2.0}, {"step": 20, "eval_loss": 2.2,
+               "eval_accuracy": 0.3}, {"step": 30, "loss": 1.5}, {"step": 40, "eval_loss": 1.9, "eval_accuracy": 0.4},
+               {"step": 40, "train_loss": 2.0}]
+    sft_report.plot_curves(history, str(tmp_path / "curves.png"), "SFT of base on data -> out")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    matches_golden("figure_training_curves.txt", describe_figure(saved_figures[0]), tmp_path)
+
+
+def test_the_readiness_histograms(tmp_path, saved_figures):
+    margins = [-30.0, -2.0, -1.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 80.0]
+    report = {"margins": margins, "margins_per_token": [m / 10 for m in margins]}
+    sft_report.plot_margins(report, "hh.jsonl", str(tmp_path / "margins.png"))
+    sft_report.plot_margins({"margins": margins[:5]}, "hh.jsonl", str(tmp_path / "one.png"))
+    text = describe_figure(saved_figures[0]) + describe_figure(saved_figures[1])
+    matches_golden("figure_readiness_margins.txt", text, tmp_path)
