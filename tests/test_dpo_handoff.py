@@ -46,17 +46,24 @@ def snapshot(repo):
 
 
 def handoff(*args, env=None):
-    """dpo_handoff.py's command line. install and uninstall run in this process (fast, and where mutmut and coverage
-    see them; the script's own process is run by the race and run-from-inside-the-repo tests); check runs in a
-    process of its own, in the stack `env` names."""
-    if args[0] == "check" or env is not None:
+    """dpo_handoff.py's command line, in this process (fast, and where mutmut and coverage see it; the script's own
+    process is run by the race and run-from-inside-the-repo tests), or in a process of the stack `env` names."""
+    if env is not None:
         return run_cli(*args, script="dpo_handoff.py", env=env)
+    import datasets
+    import transformers
+
+    logging = transformers.logging.get_verbosity(), datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = dpo_handoff.main(list(args))
         except SystemExit as e:  # argparse's usage errors
             code = e.code
+        finally:  # check quiets the libraries for its table; the other tests keep their logging
+            transformers.logging.set_verbosity(logging[0])
+            datasets.logging.set_verbosity(logging[1])
+            (datasets.enable_progress_bars if logging[2] else datasets.disable_progress_bars)()
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
@@ -400,7 +407,6 @@ def test_check_counts_the_references_unscored_tokens_too(capsys):
     assert "scores 26 of 38 reply tokens" in err and "1 of 2 pairs miss reply tokens (rows 10 of --data" in err
 
 
-@pytest.mark.cli
 @pytest.mark.parametrize("damage", ["no_max_len", "no_tokenizer", "report_folder", "report_is_a_folder",
                                     "no_rejected"])
 def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tmp_path, base_model_dir, damage):
@@ -443,7 +449,6 @@ def test_check_refuses_a_model_whose_vocabulary_is_smaller_than_its_tokenizer(dp
                    "the compared pairs hold such ids")
 
 
-@pytest.mark.cli
 def test_check_refuses_our_own_stack_before_loading_anything(dpo_repo, base_model_dir):
     result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(base_model_dir))
     assert_refused(result, "check runs in the DPO repo's environment (its uv.lock pins trl 0.26.2)")
