@@ -119,7 +119,6 @@ def test_install_keeps_the_mode_of_a_file_it_changes_and_uninstall_puts_it_back(
     assert training.stat().st_mode & 0o777 == 0o750
 
 
-@pytest.mark.cli
 def test_the_advice_for_an_older_record_less_install_puts_back_every_byte(tmp_path):
     """The handoff before the record (90b27bd..f9b130a) edited four files, kept NAME.hh-sft-backup copies of them
     and added five modules; the refusal's command, run as printed, leaves the repo as git has it."""
@@ -186,6 +185,84 @@ def test_two_handoffs_at_once_run_one_after_the_other(tmp_path, pair):
             assert tree.keys() == {*original, *dpo_handoff.COPIED}
         else:
             assert tree == original
+
+
+SHA = "a" * 64
+GOOD_ORIGINAL = base64.b64encode(b"upstream\n").decode()
+
+
+@pytest.mark.parametrize(("data", "said"), [
+    ([], 'no "tool": "hh-sft dpo_handoff.py"'),
+    ({"tool": "another-tool", "version": 1, "state": "installed", "files": {}}, 'no "tool": "hh-sft dpo_handoff.py"'),
+    ({"version": 3, "state": "installed", "files": {}}, "version 3; this tool reads version 1"),
+    ({"state": "done", "files": {}}, "state 'done' is neither 'pending' nor 'installed'"),
+    ({"state": "installed"}, "'files' is not an object of file name -> entry"),
+    ({"state": "installed", "files": {"training.py": []}},
+     "entry 'training.py' is not an object with action, before_sha256, written_sha256, original_base64"),
+    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
+                                                     "written_sha256": [SHA], "original_base64": None, "x": 1}}},
+     "entry 'model_io.py' is not an object with action, before_sha256, written_sha256, original_base64"),
+    ({"state": "installed", "files": {"model_io.py": {"action": "deleted", "before_sha256": None,
+                                                     "written_sha256": [SHA], "original_base64": None}}},
+     "entry 'model_io.py': action 'deleted' is neither 'added' nor 'changed'"),
+    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
+                                                     "written_sha256": SHA, "original_base64": None}}},
+     "entry 'model_io.py': written_sha256 is not a list of sha256 hex digests"),
+    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
+                                                     "written_sha256": [SHA, "b" * 63], "original_base64": None}}},
+     "entry 'model_io.py': written_sha256 is not a list of sha256 hex digests"),
+    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
+                                                     "written_sha256": [7], "original_base64": None}}},
+     "entry 'model_io.py': written_sha256 is not a list of sha256 hex digests"),
+    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": SHA,
+                                                     "written_sha256": [SHA], "original_base64": None}}},
+     "entry 'model_io.py' is 'added' but carries original bytes"),
+    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
+                                                     "written_sha256": [SHA], "original_base64": GOOD_ORIGINAL}}},
+     "entry 'model_io.py' is 'added' but carries original bytes"),
+    ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": None,
+                                                     "written_sha256": [SHA], "original_base64": GOOD_ORIGINAL}}},
+     "entry 'training.py' is 'changed' but lacks its before_sha256 or original_base64"),
+    ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": "z" * 64,
+                                                     "written_sha256": [SHA], "original_base64": GOOD_ORIGINAL}}},
+     "entry 'training.py' is 'changed' but lacks its before_sha256 or original_base64"),
+    ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": SHA,
+                                                     "written_sha256": [SHA], "original_base64": None}}},
+     "entry 'training.py' is 'changed' but lacks its before_sha256 or original_base64"),
+])
+def test_each_rule_of_the_record_is_refused_with_its_own_reason(data, said):
+    if isinstance(data, dict) and "tool" not in data:
+        data = {"tool": handoff_record.TOOL, **data}
+    with pytest.raises(ValueError) as refused:
+        handoff_record._parse(data, dpo_handoff.SCOPE)
+    assert str(refused.value) == said
+
+
+def test_a_record_of_ours_reads_back_as_written_and_one_without_a_version_is_version_one():
+    original = b"upstream\n"
+    files = {"training.py": {"action": "changed", "before_sha256": handoff_record.digest(original),
+                             "written_sha256": [SHA], "original_base64": base64.b64encode(original).decode()},
+             "model_io.py": {"action": "added", "before_sha256": None, "written_sha256": [SHA, "b" * 64],
+                             "original_base64": None}}
+    for top in ({"version": 1}, {}):
+        record = handoff_record._parse({"tool": handoff_record.TOOL, "state": "pending", "files": files, **top},
+                                       dpo_handoff.SCOPE)
+        assert record.pending and record.entries["training.py"].original == original
+        assert record.entries["model_io.py"] == handoff_record.Entry(None, None, [SHA, "b" * 64])
+
+
+def test_a_repo_changed_in_one_file_of_two_is_partly_changed(dpo_repo):
+    """repo_state for check: upstream, installed, or half of one install (finish it first)."""
+    assert dpo_handoff.repo_state(dpo_repo) == "upstream"
+    upstream = {name: (dpo_repo / name).read_bytes() for name in dpo_handoff.EDITED}
+    assert dpo_handoff.install(dpo_repo) == 0
+    assert dpo_handoff.repo_state(dpo_repo) == "installed"
+    first = dpo_handoff.EDITED[0]
+    (dpo_repo / first).write_bytes(upstream[first])
+    with pytest.raises(dpo_handoff.HandoffError) as partly:
+        dpo_handoff.repo_state(dpo_repo)
+    assert str(partly.value) == (f"{dpo_repo} is partly changed by the handoff: run `python dpo_handoff.py install "
+                                 f"--dpo-repo {dpo_repo}` (or uninstall) to finish what was interrupted, then rerun")
 
 
 # --- what the writes themselves must be (issue: held-out mutants of last round's code) --------------------------
