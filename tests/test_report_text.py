@@ -267,3 +267,76 @@ def test_the_readiness_histograms(tmp_path, saved_figures):
     sft_report.plot_margins({"margins": margins[:5]}, "hh.jsonl", str(tmp_path / "one.png"))
     text = describe_figure(saved_figures[0]) + describe_figure(saved_figures[1])
     matches_golden("figure_readiness_margins.txt", text, tmp_path)
+
+
+def test_samples_jsonl_holds_the_prompt_messages_the_reply_and_the_reference(tmp_path, monkeypatch):
+    """One schema: each line the prompt as messages, the greedy reply, whether it stopped at <|eot_id|>, and the
+    held-out reference; the first n conversations that have a prompt, with the model in eval mode."""
+    import json
+
+    asked = []
+
+    def reply(model, tokenizer, prompt, max_new_tokens):
+        asked.append((prompt, max_new_tokens))
+        return f"reply {len(asked)}", len(asked) == 1
+
+    monkeypatch.setattr(sft_report, "greedy_reply", reply)
+    model = torch.nn.Linear(1, 1).train()
+    conversations = [[{"role": "assistant", "content": "no prompt"}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                     [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Q"},
+                      {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"},
+                      {"role": "assistant", "content": "A2"}],
+                     [{"role": "user", "content": "third"}, {"role": "assistant", "content": "not asked"}]]
+    path = tmp_path / "samples.jsonl"
+    sft_report.write_samples(model, None, conversations, str(path), n=2, max_new_tokens=7)
+    assert not model.training and [n for _, n in asked] == [7, 7]
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
+        {"prompt": conversations[1][:1], "reply": "reply 1", "stopped_at_eot": True, "reference": "Hello"},
+        {"prompt": conversations[2][:4], "reply": "reply 2", "stopped_at_eot": False, "reference": "A2"}]
+
+
+def test_metrics_json_is_the_metrics_whole(tmp_path):
+    import json
+
+    sft_report.save_metrics(str(tmp_path), {"train_loss": 1.5, "data": {"rows_read": 3}})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"train_loss": 1.5, "data": {"rows_read": 3}}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_the_report_writes_each_part_under_its_name_with_the_runs_title(tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(sft_report, "write_samples", lambda model, tokenizer, messages, path: calls.setdefault(
+        "samples", (model, tokenizer, messages, path)))
+    monkeypatch.setattr(sft_report, "plot_curves", lambda history, path, title: calls.setdefault(
+        "curves", (history, path, title)))
+    monkeypatch.setattr(sft_report, "plot_margins", lambda report, source, path: calls.setdefault(
+        "margins", (report, source, path)))
+    cfg = config(tmp_path, monkeypatch)
+    (tmp_path / "sft_out").mkdir()
+    model = torch.nn.Linear(1, 1)
+    trainer = SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False,
+                              accelerator=SimpleNamespace(unwrap_model=lambda m: ("unwrapped", m)), model=model)
+    m = {**metrics(cfg, readiness=READINESS), "log_history": [{"step": 1, "loss": 2.0}]}
+    sft_report.write_report(cfg, trainer, "tok", ["conversation"], m)
+    out = "sft_out"  # as configured (relative to the working folder)
+    assert calls["samples"] == (("unwrapped", model), "tok", ["conversation"], os.path.join(out, "samples.jsonl"))
+    assert calls["curves"] == (m["log_history"], os.path.join(out, "training_curves.png"),
+                               "SFT of meta-llama/Llama-3.2-1B on Anthropic/hh-rlhf -> sft_out")
+    assert calls["margins"] == (READINESS, "Anthropic/hh-rlhf", os.path.join(out, "readiness_margins.png"))
+    assert (tmp_path / "sft_out" / "README.md").read_text(encoding="utf-8") == sft_report.model_card(cfg, m)
+    assert list(sft_report.card_parts(cfg, metrics(cfg))) == ["README.md"]
+    assert list(sft_report.card_parts(cfg, metrics(cfg, readiness={"pairs": 0}))) == ["README.md"]
+
+
+def test_log_to_wandb_logs_with_the_step_only_when_a_run_is_open(monkeypatch):
+    logged = []
+    fake = SimpleNamespace(run=SimpleNamespace(log=logged.append))
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    sft_report.log_to_wandb({"readiness/pairs": 8}, 40)
+    sft_report.log_to_wandb({}, 41)
+    fake.run = None
+    sft_report.log_to_wandb({"readiness/pairs": 8}, 42)
+    assert logged == [{"readiness/pairs": 8, "train/global_step": 40}]
+    monkeypatch.delitem(__import__("sys").modules, "wandb")
+    sft_report.log_to_wandb({"readiness/pairs": 8}, 43)  # wandb need not be installed
