@@ -229,6 +229,13 @@ GOOD_ORIGINAL = base64.b64encode(b"upstream\n").decode()
     ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": SHA,
                                                      "written_sha256": [SHA], "original_base64": None}}},
      "entry 'training.py' is 'changed' but lacks its before_sha256 or original_base64"),
+    ({"state": "installed", "files": {"training.py": {"action": "added", "before_sha256": None,
+                                                     "written_sha256": [SHA], "original_base64": None}}},
+     "entry 'training.py' is marked 'added' but the handoff never adds that file (it exists in the repository "
+     "before any install)"),
+    ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": SHA,
+                                                     "written_sha256": [SHA], "original_base64": GOOD_ORIGINAL}}},
+     "entry 'training.py': the stored original does not match its before_sha256 (it is not the file as it was)"),
 ])
 def test_each_rule_of_the_record_is_refused_with_its_own_reason(data, said):
     if isinstance(data, dict) and "tool" not in data:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dpo_handoff
+import handoff_record
 import sft_report
 from conftest import REPO
 from data_process_sft import DataReport
@@ -124,8 +125,9 @@ def test_the_model_card_of_a_pushed_lora_run_with_its_best_eval_and_readiness(tm
                  "sft_training.push_to_hub=true", "sft_training.hub_model_id=you/llama-3.2-1b-hh-sft",
                  "sft_training.load_best=true", "sft_training.save_steps=50", "sft_training.eval_steps=50")
     best = {"step": 150, "eval_loss": 1.4321, "handed_off": True, "stopped_early": False}
-    matches_golden("model_card_lora_pushed.md", sft_report.model_card(cfg, metrics(cfg, best=best,
-                                                                                    readiness=READINESS)), tmp_path)
+    card = metrics(cfg, best=best, readiness=READINESS)
+    card["data"]["truncated"] = 3
+    matches_golden("model_card_lora_pushed.md", sft_report.model_card(cfg, card), tmp_path)
 
 
 @pytest.mark.parametrize(("handed_off", "stopped_early"), [(True, True), (False, False)])
@@ -212,7 +214,7 @@ def describe_figure(fig) -> str:
     def pair(values):
         return tuple(round(float(v), 4) for v in values)
 
-    suptitle = fig._suptitle.get_text() if fig._suptitle else None
+    suptitle = (fig._suptitle.get_text(), fig._suptitle.get_fontsize()) if fig._suptitle else None
     lines = [f"figure {pair(fig.get_size_inches())} in, dpi {fig.dpi:g}, suptitle {suptitle!r}"]
     for i, ax in enumerate(fig.axes):
         lines.append(f"axes {i}: title {ax.get_title()!r} ({ax.title.get_fontsize():g} pt); x {ax.get_xlabel()!r} "
@@ -229,7 +231,8 @@ def describe_figure(fig) -> str:
                          f"{last.get_x() + last.get_width():.4g}")
         if ax.get_legend():
             lines.append(f"  legend {[t.get_text() for t in ax.get_legend().get_texts()]} at {ax.get_legend()._loc}")
-        lines.append(f"  grid {any(g.get_visible() for g in ax.get_xgridlines())}; integer y ticks "
+        grid = [g for g in ax.get_xgridlines() if g.get_visible()]
+        lines.append(f"  grid {grid[0].get_alpha() if grid else None}; integer y ticks "
                      f"{getattr(ax.yaxis.get_major_locator(), '_integer', False)}")
     return "\n".join(lines) + "\n"
 
@@ -264,8 +267,11 @@ def test_the_readiness_histograms(tmp_path, saved_figures):
     margins = [-30.0, -2.0, -1.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 80.0]
     report = {"margins": margins, "margins_per_token": [m / 10 for m in margins]}
     sft_report.plot_margins(report, "hh.jsonl", str(tmp_path / "margins.png"))
-    sft_report.plot_margins({"margins": margins[:5]}, "hh.jsonl", str(tmp_path / "one.png"))
-    text = describe_figure(saved_figures[0]) + describe_figure(saved_figures[1])
+    sft_report.plot_margins({"margins": [0.0, *margins[:4]]}, "hh.jsonl", str(tmp_path / "one.png"))
+    many = np.linspace(-50, 50, 201).tolist()  # one bar per two pairs: 100 bars, at most 40
+    sft_report.plot_margins({"margins": many}, "hh.jsonl", str(tmp_path / "many.png"))
+    sft_report.plot_margins({"margins": many[:40]}, "hh.jsonl", str(tmp_path / "forty.png"))  # 20 bars
+    text = "".join(describe_figure(figure) for figure in saved_figures)
     matches_golden("figure_readiness_margins.txt", text, tmp_path)
 
 
@@ -340,3 +346,192 @@ def test_log_to_wandb_logs_with_the_step_only_when_a_run_is_open(monkeypatch):
     assert logged == [{"readiness/pairs": 8, "train/global_step": 40}]
     monkeypatch.delitem(__import__("sys").modules, "wandb")
     sft_report.log_to_wandb({"readiness/pairs": 8}, 43)  # wandb need not be installed
+
+
+# --- the small rules behind the texts (each found by mutation testing: broken, every test above still passed) ----
+def test_uninstall_says_what_it_put_back_file_by_file(tmp_path, capsys):
+    from test_dpo_handoff import Killed, killer, make_repo
+
+    repo = make_repo(tmp_path)
+    assert dpo_handoff.install(repo) == 0
+    capsys.readouterr()
+    assert dpo_handoff.uninstall(repo) == 0
+    done = capsys.readouterr().out.replace(str(repo), "<repo>")
+    assert dpo_handoff.install(repo) == 0
+    with pytest.MonkeyPatch.context() as m:  # an uninstall killed at its third write, then run again
+        m.setattr(os, "replace", killer(3)(os.replace))
+        with pytest.raises(Killed):
+            dpo_handoff.uninstall(repo)
+    capsys.readouterr()
+    assert dpo_handoff.uninstall(repo) == 0
+    resumed = capsys.readouterr().out.replace(str(repo), "<repo>")
+    matches_golden("uninstall.txt", f"--- after an install\n{done}--- after a killed uninstall\n{resumed}", tmp_path)
+
+
+def test_an_uninstall_with_nothing_installed_names_the_temporary_files_it_removed(tmp_path, capsys):
+    from test_dpo_handoff import make_repo
+
+    repo = make_repo(tmp_path)
+    leftover = f".{handoff_record.RECORD}{handoff_record.TEMPORARY}"  # a record being written when killed
+    (repo / leftover).write_bytes(b"half")
+    assert dpo_handoff.uninstall(repo) == 0
+    assert capsys.readouterr().out == (f"nothing installed in {repo} (no handoff record {handoff_record.RECORD}): "
+                                       f"nothing touched but a temporary file a killed install left ({leftover})\n")
+    assert not (repo / leftover).exists()
+
+
+@pytest.mark.parametrize("leftovers", [(), ("model_io.py", "training.py.hh-sft-backup")])
+def test_the_older_install_advice_lists_exactly_what_to_remove(tmp_path, leftovers):
+    from test_dpo_handoff import make_repo
+
+    repo = make_repo(tmp_path)
+    for name in leftovers:
+        (repo / name).write_text("x")
+    said = str(dpo_handoff._older_install(repo, ["training.py", "risk_dpo_trainer.py"]))
+    remove = f" && rm {' '.join(leftovers)}" if leftovers else ""
+    assert said == (f"training.py, risk_dpo_trainer.py in {repo} carry lines marked '{dpo_handoff.MARK}' but there "
+                    f"is no handoff record ({handoff_record.RECORD}): an older dpo_handoff.py changed them. Put the "
+                    f"repo back first (in {repo}: git checkout -- training.py risk_dpo_trainer.py train_sft.py "
+                    f"data_process_sft.py{remove}), then rerun; nothing was changed")
+
+
+def test_checks_input_rules_word_for_word(tmp_path, monkeypatch):
+    from test_dpo_handoff import make_repo
+
+    repo = make_repo(tmp_path)
+    config = repo / "config_dpo.yaml"
+    config.write_text("dataset: [unclosed\n")
+    with pytest.raises(dpo_handoff.HandoffError) as bad:
+        dpo_handoff._dpo_max_len(repo)
+    assert str(bad.value) == f"{config} cannot be read: while parsing a flow sequence"
+    config.write_text("dataset:\n  max_len: many\n")
+    with pytest.raises(dpo_handoff.HandoffError) as bad:
+        dpo_handoff._dpo_max_len(repo)
+    assert str(bad.value) == (f"{config} has no integer dataset.max_len: its training.py reads it (e.g. `max_len: "
+                              "512` under `dataset:`)")
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(dpo_handoff.HandoffError) as bad:
+        dpo_handoff._require_model_folder(model)
+    assert str(bad.value) == f"--model {model}: no config.json (expected the folder train_sft.py saved)"
+    (model / "config.json").write_text("{}")
+    with pytest.raises(dpo_handoff.HandoffError) as bad:
+        dpo_handoff._require_model_folder(model)
+    assert str(bad.value) == (f"--model {model}: no tokenizer files (tokenizer.json; expected the folder "
+                              "train_sft.py saved, which holds its tokenizer)")
+    (model / "tokenizer.model").write_text("a sentencepiece model")
+    dpo_handoff._require_model_folder(model)  # a slow tokenizer's file is a tokenizer too
+    with pytest.raises(dpo_handoff.HandoffError) as bad:
+        dpo_handoff._read_rows(str(tmp_path / "missing.jsonl"), 4)
+    assert str(bad.value).startswith(f"cannot load the dataset {tmp_path / 'missing.jsonl'}: ")
+    monkeypatch.setattr("importlib.metadata.version", lambda name: {"trl": "0.26.2"}[name])
+    dpo_handoff._require_dpo_stack()  # the DPO repo's pin passes
+
+
+def test_the_handoffs_command_line_reaches_each_command_with_its_arguments(tmp_path, monkeypatch, capsys):
+    called = []
+    monkeypatch.setattr(dpo_handoff, "install", lambda repo, **kw: called.append(("install", repo, kw)) or 0)
+    monkeypatch.setattr(dpo_handoff, "check", lambda *args: called.append(("check", *args)) or 0)
+    assert dpo_handoff.main(["install", "--dpo-repo", str(tmp_path), "--discard-changes"]) == 0
+    assert dpo_handoff.main(["check", "--dpo-repo", str(tmp_path), "--model", "m", "-n", "1", "--batch-size",
+                             "1"]) == 0
+    assert called == [("install", tmp_path, {"discard_changes": True}),
+                      ("check", tmp_path, Path("m"), str(dpo_handoff.DEFAULT_DATA), 1, 1, None)]
+    assert dpo_handoff.main(["check", "--dpo-repo", str(tmp_path), "--model", "m", "-n", "0"]) == 2
+    assert capsys.readouterr().err == "error: -n/--rows and --batch-size must be at least 1\n"
+    for argv in ([], ["check", "--dpo-repo", str(tmp_path), "--model", "m", "--batch-size", "two"]):
+        with pytest.raises(SystemExit) as usage:
+            dpo_handoff.main(argv)
+        assert usage.value.code == 2
+    monkeypatch.setattr(dpo_handoff, "DEFAULT_DATA", tmp_path / "not-shipped.jsonl.gz")
+    with pytest.raises(SystemExit):
+        dpo_handoff.main(["check", "--help"])
+    assert "(default: Anthropic/hh-rlhf)" in capsys.readouterr().out
+
+
+def test_a_difference_of_exactly_the_tolerance_passes(capsys):
+    scored = [[5, 7, 5, 7], [3, 4, 3, 4]]
+    at = np.full((2, 4), dpo_handoff.TOLERANCE)
+    assert dpo_handoff._verdict(check_result("installed", scored), at, Path("dpo")) == 0
+
+
+def test_the_schedule_line_counts_steps_from_epochs_and_max_steps_and_says_when_wandb_is_off(tmp_path, monkeypatch):
+    cfg = config(tmp_path, monkeypatch, "sft_training.epochs=2", "sft_training.wandb_project=null",
+                 "sft_training.sample_prompts=0")
+    text = sft_report.start_summary(cfg, trainer(torch.nn.Linear(2, 2)), data_report(), SPLIT, 1190)
+    assert "epochs 2, ~150 optimizer steps of 16\n" in text and "extras" not in text
+    assert text.endswith(f"W&B: off; checkpoints and final model: {tmp_path / 'sft_out'}")
+    one = config(tmp_path, monkeypatch, "sft_training.max_steps=1")
+    assert "max_steps: 1 optimizer steps of 16 (max_steps sets the length" in sft_report.start_summary(
+        one, trainer(torch.nn.Linear(2, 2), max_steps=1), data_report(), SPLIT, 1190)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    offload = config(tmp_path, monkeypatch, "sft_training.activation_offloading=true", "sft_training.sample_prompts=0")
+    assert sft_report.extras_line(offload.sft_training) == "  extras: activation offloading on\n"
+
+
+def test_counts_round_as_people_read_them_at_each_boundary():
+    assert [sft_report.parameters(n) for n in (1_000_000_000, 999_999_999, 1_234_500_001, 100_000, 1_250_001)] == [
+        "1.000B", "1000.0M", "1.235B", "0.1M", "1.3M"]
+    lora = SimpleNamespace(r=8, alpha=16.0, dropout=0.0, target_modules=["q_proj"])
+    base, adapter = torch.nn.Linear(300, 300), torch.nn.Linear(1000, 1000)
+    base.requires_grad_(False)
+    said = sft_report.training_mode(trainer(torch.nn.Sequential(base, adapter)), lora)
+    assert said.endswith("1.0M trainable of 1.1M parameters (91.73%); weights, gradients and AdamW state ~15.6 MiB "
+                         "instead of ~16.7 MiB for full fine-tuning (activations not counted)")
+    deepspeed = SimpleNamespace(**{**vars(trainer(base, world_size=2)), "is_deepspeed_enabled": True})
+    deepspeed.accelerator.state.deepspeed_plugin = SimpleNamespace(zero_stage=3)
+    assert sft_report.parallel_mode(deepspeed).startswith("DeepSpeed ZeRO-3 (sharded), 2 process(es)")
+
+
+def test_metrics_of_a_run_without_an_eval_or_a_best_checkpoint(tmp_path, monkeypatch):
+    import math
+
+    from datasets import Dataset
+
+    cfg = config(tmp_path, monkeypatch, "sft_training.load_best=true", "sft_training.save_steps=50",
+                 "sft_training.eval_steps=50")
+    trainer = SimpleNamespace(args=SimpleNamespace(metric_for_best_model="eval_loss", world_size=1),
+                              state=SimpleNamespace(log_history=[{"step": 1, "loss": 2.0}], epoch=None, global_step=0,
+                                                    best_model_checkpoint=None, best_metric=None),
+                              callback_handler=SimpleNamespace(callbacks=[]))
+    split = {"train": Dataset.from_dict({"num_trained": [3], "length": [5]}), "test": []}
+    m = sft_report.collect_metrics(cfg, trainer, data_report(), split, {}, 0.0)
+    assert math.isnan(m["eval_loss"]) and math.isnan(m["eval_accuracy"])
+    assert (m["tokens_trained"], m["tokens_seen"]) == (0, 0) and m["best"]["step"] is None
+
+
+def test_sharded_weights_are_reloaded_from_save_dir_for_the_samples(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+
+    class Loaded:
+        def to(self, device):
+            loaded.append(device)
+            return self
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path: loaded.append(path) or Loaded())
+    for fsdp, deepspeed in ((True, False), (False, True)):
+        sharded = SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed,
+                                  args=SimpleNamespace(device="cuda:1"))
+        assert isinstance(sft_report._unsharded_model(sharded, "out"), Loaded)
+    assert loaded == ["out", "cuda:1", "out", "cuda:1"]
+
+
+@pytest.mark.parametrize(("error", "said"), [(ValueError(""), "ValueError: "),
+                                             (OSError("disk full\nsecond line"), "OSError: disk full")])
+def test_a_report_part_that_fails_is_one_warning_line(tmp_path, capsys, error, said):
+    def fail(path):
+        raise error
+
+    sft_report.write_parts(str(tmp_path), {"a.png": fail, "b.md": lambda path: sft_report._write_text(path, "é")})
+    assert capsys.readouterr().err == f"warning: could not write a.png ({said}); the model is saved\n"
+    assert (tmp_path / "b.md").read_bytes() == "é".encode()
+
+
+def test_the_margin_plot_range_keeps_zero_in_view_and_widens_a_single_value():
+    assert sft_report.plot_range(np.array([3.0, 3.0, 3.0]))[:2] == (-0.1, 4.0)  # a width of 1 on each side
+    low, high, below, above = sft_report.plot_range(np.array([5.0, 6.0, 7.0, 8.0]))
+    assert low < 0 < high and (below, above) == (0, 0)
+    low, high, _, _ = sft_report.plot_range(np.array([-8.0, -7.0, -6.0]))
+    assert low < high and high > 0
