@@ -111,6 +111,20 @@ def small_base_dir(tmp_path_factory):
     return out
 
 
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def matches_golden(name: str, text: str, tmp_path) -> None:
+    """`text` (tmp_path shown as <cwd>) equals the reviewed copy tests/golden/NAME; UPDATE_GOLDEN=1 rewrites it."""
+    text = text.replace(str(tmp_path), "<cwd>")
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text, encoding="utf-8")
+    assert path.read_text(encoding="utf-8") == text, (
+        f"{name} differs from {path}; if the change is intended, run UPDATE_GOLDEN=1 python -m pytest on this test "
+        f"and review `git diff tests/golden`")
+
+
 def write_config(folder, base_model_dir, *, subset="train[:64]", val_ratio=0.2, dataset=SAMPLE, **sft):
     """A config.yaml in `folder` for a tiny CPU run on the HH sample; `sft` overrides sft_training keys."""
     import yaml

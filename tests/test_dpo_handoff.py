@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 import dpo_handoff
 import handoff_record
-from conftest import REAL_HH, REPO, cli_env, run_cli, stack_env
+from conftest import REAL_HH, REPO, cli_env, matches_golden, run_cli, stack_env
 
 DOUBLE = REPO / "tests" / "dpo_repo_double"
 RECORD = handoff_record.RECORD
@@ -525,3 +526,149 @@ def test_build_dpo_dataset_drops_pairs_over_max_length_and_keeps_the_row_index(l
     with pytest.raises(ValueError, match="max_length needs the tokenizer"):
         build_dpo_dataset(raw, max_length=limit)
 
+
+
+# --- what install writes and says, exactly (mutation testing: each of these was broken and every test passed) ---
+def edit_diff(before: bytes, after: bytes, name: str) -> str:
+    """A unified diff whose lines show their endings (repr), so that a CR or LF out of place is visible."""
+    import difflib
+
+    lines = [[repr(line) + "\n" for line in data.splitlines(keepends=True)] for data in (before, after)]
+    return "".join(difflib.unified_diff(*lines, name, name, n=1))
+
+
+@pytest.mark.parametrize("ending", ["crlf", "lf"])
+def test_install_edits_exactly_these_lines_keeping_each_files_line_endings(tmp_path, ending):
+    repo = make_repo(tmp_path) if ending == "crlf" else Path(shutil.copytree(DOUBLE, tmp_path / "dynamic-dpo-v1"))
+    training = repo / "training.py"  # a matched line with trailing blanks is matched; its ending is kept
+    training.write_bytes(training.read_bytes().replace(b"hh_ds = build_HH_dataset(raw_ds)",
+                                                       b"hh_ds = build_HH_dataset(raw_ds)  "))
+    before = {name: (repo / name).read_bytes() for name in dpo_handoff.EDITED}
+    assert dpo_handoff.install(repo) == 0
+    diff = "".join(edit_diff(before[name], (repo / name).read_bytes(), name) for name in dpo_handoff.EDITED)
+    matches_golden(f"install_edits_{ending}.diff", diff, tmp_path)
+
+
+def test_install_and_update_say_what_they_did_file_by_file(tmp_path, capsys):
+    repo = make_repo(tmp_path)
+    said = []
+    for source in (REPO, newer_checkout(tmp_path), REPO):
+        assert dpo_handoff.install(repo, source=source) == 0
+        said.append(capsys.readouterr().out)
+    assert dpo_handoff.install(repo) == 0
+    said.append(capsys.readouterr().out)
+    (tmp_path / "again").mkdir()
+    newer = newer_checkout(tmp_path / "again")
+    with pytest.MonkeyPatch.context() as m:  # killed after the record said "pending" and one file was written
+        m.setattr(os, "replace", killer(3)(os.replace))
+        with pytest.raises(Killed):
+            dpo_handoff.install(repo, source=newer)
+    assert dpo_handoff.install(repo, source=newer) == 0
+    said.append(capsys.readouterr().out)
+    text = "".join(f"--- {what}\n{out}" for what, out in zip(
+        ("install", "update from a newer checkout", "back to this checkout", "again", "after a killed update"), said))
+    matches_golden("install.txt", text.replace(str(repo), "<repo>"), tmp_path)
+    record = json.loads((repo / RECORD).read_text())
+    assert all(len(set(e["written_sha256"])) == len(e["written_sha256"]) for e in record["files"].values())
+    assert (repo / RECORD).read_text().startswith('{\n "tool": "hh-sft dpo_handoff.py",\n "version": 1,\n')
+
+
+def test_install_and_uninstall_keep_edits_unless_told_to_discard_them(dpo_repo):
+    assert dpo_handoff.install(dpo_repo) == 0
+    training = dpo_repo / "training.py"
+    edited = training.read_bytes() + b"# mine\r\n"
+    training.write_bytes(edited)
+    for command in (dpo_handoff.install, dpo_handoff.uninstall):
+        with pytest.raises(handoff_record.RecordError):
+            command(dpo_repo)
+        assert training.read_bytes() == edited
+    assert dpo_handoff.install(dpo_repo, discard_changes=True) == 0
+    assert training.read_bytes() != edited and dpo_handoff.repo_state(dpo_repo) == "installed"
+
+
+def test_files_the_handoff_adds_get_the_umasks_mode_never_executable(dpo_repo):
+    old = os.umask(0o022)
+    try:
+        assert dpo_handoff.install(dpo_repo) == 0
+    finally:
+        os.umask(old)
+    for name in (*dpo_handoff.COPIED, RECORD):
+        if not (DOUBLE / name).exists():
+            assert (dpo_repo / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_temporary_path_taken_by_a_link_is_never_written_through(tmp_path):
+    target, link = tmp_path / "target", tmp_path / ".f.hh-sft-tmp"
+    target.write_bytes(b"keep")
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError):
+        handoff_record._write_atomic(tmp_path / "f", b"evil")
+    assert target.read_bytes() == b"keep" and not (tmp_path / "f").exists()
+
+
+def test_what_install_refuses_is_said_exactly(dpo_repo, tmp_path):
+    folder = dpo_repo / "model_io.py"
+    folder.mkdir()
+    with pytest.raises(handoff_record.RecordError) as refused:
+        dpo_handoff.install(dpo_repo)
+    assert str(refused.value) == f"{folder} is not a regular file: nothing was changed"
+    folder.rmdir()
+    temporary = dpo_repo / ".training.py.hh-sft-tmp"
+    temporary.mkdir()
+    with pytest.raises(handoff_record.RecordError) as refused:
+        dpo_handoff.install(dpo_repo)
+    assert str(refused.value) == (f"{temporary} is not a regular file: the handoff writes its temporary files there "
+                                  "and never through a link; remove it, then rerun; nothing was changed")
+    temporary.rmdir()
+    lacking = tmp_path / "partial-checkout"
+    lacking.mkdir()
+    (lacking / "hh_sft_dpo.py").write_text("")
+    with pytest.raises(dpo_handoff.HandoffError) as refused:
+        dpo_handoff.install(dpo_repo, source=lacking)
+    assert str(refused.value) == (f"{lacking} lacks {', '.join(dpo_handoff.COPIED[1:])}: run install from a whole "
+                                  "hh-sft checkout; nothing was changed")
+    with pytest.raises(dpo_handoff.HandoffError) as refused:
+        dpo_handoff.install(dpo_repo, source=dpo_repo)
+    assert str(refused.value) == (f"run install from the hh-sft checkout (python /path/to/hh-sft/dpo_handoff.py "
+                                  f"install --dpo-repo {dpo_repo}), not from a copy inside the DPO repo; nothing "
+                                  "was changed")
+    link = dpo_repo / "training.py"
+    outside = tmp_path / "elsewhere.py"
+    outside.write_bytes(link.read_bytes())
+    link.unlink()
+    link.symlink_to(outside)
+    with pytest.raises(handoff_record.RecordError) as refused:
+        dpo_handoff.install(dpo_repo)
+    assert str(refused.value) == (f"{link} is a symbolic link (to {outside}): the handoff writes only regular files "
+                                  "inside the repository; replace the link with the file, then rerun; nothing was "
+                                  "changed")
+
+
+def test_check_names_an_unknown_or_undecodable_file_exactly(dpo_repo):
+    trainer = dpo_repo / "risk_dpo_trainer.py"
+    multi_line = next(edit for edit in dpo_handoff.EDITS if edit.last)
+    target = dpo_repo / multi_line.path
+    text = target.read_bytes().replace(multi_line.last.encode(), b"# gone")
+    target.write_bytes(text)
+    with pytest.raises(dpo_handoff.HandoffError) as refused:
+        dpo_handoff.repo_state(dpo_repo)
+    assert str(refused.value) == (f"{target} is not a shape this handoff knows (expected '{multi_line.first}' ... "
+                                  f"'{multi_line.last}' once; another upstream commit?): nothing was changed")
+    trainer.write_bytes(b"caf\xe9\n")
+    with pytest.raises(dpo_handoff.HandoffError) as refused:
+        dpo_handoff.repo_state(dpo_repo)
+    assert str(refused.value) == ("risk_dpo_trainer.py is not UTF-8 text (byte 3: b'\\xe9'): the handoff edits only "
+                                  "UTF-8 files; nothing was changed")
+
+
+def test_changed_and_deleted_files_are_named_together(dpo_repo):
+    assert dpo_handoff.install(dpo_repo) == 0
+    for name in ("training.py", "risk_dpo_trainer.py"):
+        (dpo_repo / name).write_bytes(b"# mine\r\n")
+    (dpo_repo / "train_sft.py").unlink()
+    with pytest.raises(handoff_record.RecordError) as refused:
+        dpo_handoff.uninstall(dpo_repo)
+    assert str(refused.value) == (
+        f"changed since the handoff wrote them: risk_dpo_trainer.py, training.py; deleted since the handoff wrote "
+        f"them: train_sft.py (in {dpo_repo}); nothing was changed: keep your edits elsewhere, then rerun with "
+        "--discard-changes (a deleted file is put back as it was before the handoff)")

@@ -57,11 +57,12 @@ def hostile_records(repo, victim):
         "not_base64": (record({"training.py": {**entry("changed", training), "original_base64": "%%%"}}),
                        "original_base64 is not base64"),
         "a_folder": (lambda path: path.mkdir(), "is not a file: not a record this tool wrote"),
+        "a_link": (lambda path: path.symlink_to(victim), "is a symbolic link: not a record this tool wrote"),
     }
 
 
 CASES = ["absolute_path", "parent_path", "unknown_name", "original_not_its_sha", "upstream_marked_added",
-         "files_a_list", "other_version", "not_json", "not_base64", "a_folder"]
+         "files_a_list", "other_version", "not_json", "not_base64", "a_folder", "a_link"]
 
 
 @pytest.mark.parametrize("case", CASES)

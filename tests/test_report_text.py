@@ -17,22 +17,11 @@ import torch
 import dpo_handoff
 import handoff_record
 import sft_report
-from conftest import REPO
+from conftest import REPO, matches_golden
 from data_process_sft import DataReport
 from sft_config import load_config
 
-GOLDEN = Path(__file__).parent / "golden"
 SHIPPED_FILE = "data/hh_sample.jsonl"
-
-
-def matches_golden(name: str, text: str, tmp_path) -> None:
-    text = text.replace(str(tmp_path), "<cwd>")
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text, encoding="utf-8")
-    assert path.read_text(encoding="utf-8") == text, (
-        f"{name} differs from {path}; if the change is intended, run UPDATE_GOLDEN=1 python -m pytest "
-        f"tests/test_report_text.py and review the diff")
 
 
 def config(tmp_path, monkeypatch, *overrides):
@@ -118,6 +107,18 @@ READINESS = {"pairs": 64, "sft_chosen_logp": -101.23456, "base_chosen_logp": -14
 def test_the_model_card_of_a_local_full_fine_tune(tmp_path, monkeypatch):
     cfg = config(tmp_path, monkeypatch)
     matches_golden("model_card_full.md", sft_report.model_card(cfg, metrics(cfg)), tmp_path)
+
+
+def test_the_model_card_of_a_local_dataset_without_drops_has_no_hub_dataset_tag(tmp_path, monkeypatch):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("{}\n")
+    for name in (str(data), "mine.jsonl"):  # a local path (with a / or not) is no Hub dataset
+        cfg = config(tmp_path, monkeypatch, f"dataset.dataset_name={name}")
+        m = metrics(cfg)
+        m["data"]["dropped"] = {}
+        card = sft_report.model_card(cfg, m)
+        assert card.startswith("---\nbase_model: meta-llama/Llama-3.2-1B\nlibrary_name: transformers\n")
+        assert "- rows read 1500, kept 1487; dropped: none\n" in card
 
 
 def test_the_model_card_of_a_pushed_lora_run_with_its_best_eval_and_readiness(tmp_path, monkeypatch):
@@ -288,6 +289,8 @@ def test_samples_jsonl_holds_the_prompt_messages_the_reply_and_the_reference(tmp
 
     monkeypatch.setattr(sft_report, "greedy_reply", reply)
     model = torch.nn.Linear(1, 1).train()
+    asked_with = []
+    monkeypatch.setattr(sft_report, "greedy_reply", lambda *args: asked_with.append(args) or reply(*args))
     conversations = [[{"role": "assistant", "content": "no prompt"}],
                      [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
                      [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Q"},
@@ -297,9 +300,15 @@ def test_samples_jsonl_holds_the_prompt_messages_the_reply_and_the_reference(tmp
     path = tmp_path / "samples.jsonl"
     sft_report.write_samples(model, None, conversations, str(path), n=2, max_new_tokens=7)
     assert not model.training and [n for _, n in asked] == [7, 7]
+    assert [(m, t, p) for m, t, p, _ in asked_with] == [(model, None, conversations[1][:1]),
+                                                       (model, None, conversations[2][:4])]
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
         {"prompt": conversations[1][:1], "reply": "reply 1", "stopped_at_eot": True, "reference": "Hello"},
         {"prompt": conversations[2][:4], "reply": "reply 2", "stopped_at_eot": False, "reference": "A2"}]
+    many = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "café"}] for i in range(6)]
+    sft_report.write_samples(model, "tok", many, str(path))  # the report's call: 4 prompts, up to 128 new tokens
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 4 and asked[-1][1] == 128
+    assert '"reference": "café"' in path.read_text(encoding="utf-8")  # JSON lines keep the text readable
 
 
 def test_metrics_json_is_the_metrics_whole(tmp_path):
@@ -332,6 +341,13 @@ def test_the_report_writes_each_part_under_its_name_with_the_runs_title(tmp_path
     assert calls["margins"] == (READINESS, "Anthropic/hh-rlhf", os.path.join(out, "readiness_margins.png"))
     assert (tmp_path / "sft_out" / "README.md").read_text(encoding="utf-8") == sft_report.model_card(cfg, m)
     assert list(sft_report.card_parts(cfg, metrics(cfg))) == ["README.md"]
+    sharded = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
+    monkeypatch.setattr(sft_report, "_unsharded_model", lambda trainer, save_dir: ("reloaded from", save_dir))
+    sft_report.write_report(cfg, sharded, "tok", [], m)
+    assert calls["samples"][0] == ("unwrapped", model)  # the first call's
+    calls.clear()
+    sft_report.write_report(cfg, sharded, "tok", [], m)
+    assert calls["samples"][0] == ("reloaded from", "sft_out")
     assert list(sft_report.card_parts(cfg, metrics(cfg, readiness={"pairs": 0}))) == ["README.md"]
 
 
@@ -467,6 +483,7 @@ def test_the_schedule_line_counts_steps_from_epochs_and_max_steps_and_says_when_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     offload = config(tmp_path, monkeypatch, "sft_training.activation_offloading=true", "sft_training.sample_prompts=0")
     assert sft_report.extras_line(offload.sft_training) == "  extras: activation offloading on\n"
+    assert sft_report.extras_line(cfg.sft_training) == ""
 
 
 def test_counts_round_as_people_read_them_at_each_boundary():
