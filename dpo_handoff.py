@@ -114,7 +114,6 @@ class RepoFile:
         except UnicodeDecodeError as e:
             raise HandoffError(f"{name} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}): the "
                                "handoff edits only UTF-8 files; nothing was changed") from None
-        self.name = name
         self.lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
         self.newline = "\r\n" if "\r\n" in text else "\n"
 

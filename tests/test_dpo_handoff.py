@@ -542,7 +542,8 @@ def test_install_edits_exactly_these_lines_keeping_each_files_line_endings(tmp_p
     repo = make_repo(tmp_path) if ending == "crlf" else Path(shutil.copytree(DOUBLE, tmp_path / "dynamic-dpo-v1"))
     training = repo / "training.py"  # a matched line with trailing blanks is matched; its ending is kept
     training.write_bytes(training.read_bytes().replace(b"hh_ds = build_HH_dataset(raw_ds)",
-                                                       b"hh_ds = build_HH_dataset(raw_ds)  "))
+                                                       b"hh_ds = build_HH_dataset(raw_ds)  ").replace(
+        b"output_dir=dpo_train_args['save_dir'],", b"output_dir=dpo_train_args['save_dir'],  "))
     before = {name: (repo / name).read_bytes() for name in dpo_handoff.EDITED}
     assert dpo_handoff.install(repo) == 0
     diff = "".join(edit_diff(before[name], (repo / name).read_bytes(), name) for name in dpo_handoff.EDITED)
@@ -613,6 +614,13 @@ def test_what_install_refuses_is_said_exactly(dpo_repo, tmp_path):
         dpo_handoff.install(dpo_repo)
     assert str(refused.value) == f"{folder} is not a regular file: nothing was changed"
     folder.rmdir()
+    trainer = dpo_repo / "risk_dpo_trainer.py"
+    trainer.chmod(0o444)
+    with pytest.raises(handoff_record.RecordError) as refused:
+        dpo_handoff.install(dpo_repo)
+    assert str(refused.value) == (f"{trainer} is read-only: make it writable (chmod u+w) to let the handoff change "
+                                  "it; nothing was changed")
+    trainer.chmod(0o644)
     temporary = dpo_repo / ".training.py.hh-sft-tmp"
     temporary.mkdir()
     with pytest.raises(handoff_record.RecordError) as refused:
@@ -661,14 +669,25 @@ def test_check_names_an_unknown_or_undecodable_file_exactly(dpo_repo):
                                   "UTF-8 files; nothing was changed")
 
 
-def test_changed_and_deleted_files_are_named_together(dpo_repo):
+@pytest.mark.parametrize(("edited", "deleted"), [(("training.py", "risk_dpo_trainer.py"), ("train_sft.py",)),
+                                                 ((), ("train_sft.py", "training.py")), (("training.py",), ())])
+def test_changed_and_deleted_files_are_named_together(dpo_repo, edited, deleted):
     assert dpo_handoff.install(dpo_repo) == 0
-    for name in ("training.py", "risk_dpo_trainer.py"):
+    for name in edited:
         (dpo_repo / name).write_bytes(b"# mine\r\n")
-    (dpo_repo / "train_sft.py").unlink()
+    for name in deleted:
+        (dpo_repo / name).unlink()
     with pytest.raises(handoff_record.RecordError) as refused:
         dpo_handoff.uninstall(dpo_repo)
+    said = [f"{what} since the handoff wrote them: {', '.join(sorted(names))}"
+            for what, names in (("changed", edited), ("deleted", deleted)) if names]
     assert str(refused.value) == (
-        f"changed since the handoff wrote them: risk_dpo_trainer.py, training.py; deleted since the handoff wrote "
-        f"them: train_sft.py (in {dpo_repo}); nothing was changed: keep your edits elsewhere, then rerun with "
+        f"{'; '.join(said)} (in {dpo_repo}); nothing was changed: keep your edits elsewhere, then rerun with "
         "--discard-changes (a deleted file is put back as it was before the handoff)")
+
+
+def test_apply_refuses_a_target_outside_its_scope_naming_it(dpo_repo):
+    """A guard of our own callers: nothing outside the scope is ever written, whoever asks."""
+    with pytest.raises(AssertionError) as refused:
+        handoff_record.apply(dpo_repo, {"notes.txt": b"x", "training.py": None}, dpo_handoff.SCOPE)
+    assert str(refused.value) == "['notes.txt']" and not (dpo_repo / "notes.txt").exists()

@@ -314,18 +314,19 @@ def test_every_file_is_written_to_a_temporary_flushed_to_disk_then_renamed_never
             assert ("fsync", call[1]) in calls[:i], call
 
 
-def test_inserted_lines_take_the_files_ending_when_the_matched_line_is_the_last_without_one(tmp_path):
+@pytest.mark.parametrize("newline", [b"\r\n", b"\n"])
+def test_inserted_lines_take_the_files_ending_when_the_matched_line_is_the_last_without_one(tmp_path, newline):
     repo = make_repo(tmp_path)
     training = repo / "training.py"
-    text = training.read_bytes()
+    text = training.read_bytes().replace(b"\r\n", newline)
     line = b"output_dir=dpo_train_args['save_dir'],"
     start = text.index(line)
-    training.write_bytes(text[:start + len(line)])  # CRLF file whose matched line is last, no newline after it
+    training.write_bytes(text[:start + len(line)])  # the matched line is last, no newline after it
     assert dpo_handoff.install(repo) == 0
     installed = training.read_bytes()
     tail = installed[installed.index(line):]
-    assert tail.count(b"\r\n") == 1 and b"\n" not in tail.replace(b"\r\n", b"")  # CRLF between, none added
-    assert tail.startswith(line + b"\r\n") and not tail.endswith(b"\n") and dpo_handoff.MARK.encode() in tail
+    assert tail.count(b"\n") == 1 and tail.count(newline) == 1  # the file's own ending between, none added
+    assert tail.startswith(line + newline) and not tail.endswith(b"\n") and dpo_handoff.MARK.encode() in tail
 
 
 def test_a_line_matched_twice_is_refused_in_one_line(dpo_repo):

@@ -307,6 +307,7 @@ def test_samples_jsonl_holds_the_prompt_messages_the_reply_and_the_reference(tmp
         {"prompt": conversations[2][:4], "reply": "reply 2", "stopped_at_eot": False, "reference": "A2"}]
     many = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "café"}] for i in range(6)]
     sft_report.write_samples(model, "tok", many, str(path))  # the report's call: 4 prompts, up to 128 new tokens
+    assert asked_with[-1][:3] == (model, "tok", many[3][:1])
     assert len(path.read_text(encoding="utf-8").splitlines()) == 4 and asked[-1][1] == 128
     assert '"reference": "café"' in path.read_text(encoding="utf-8")  # JSON lines keep the text readable
 
@@ -388,6 +389,9 @@ def test_an_uninstall_with_nothing_installed_names_the_temporary_files_it_remove
     from test_dpo_handoff import make_repo
 
     repo = make_repo(tmp_path)
+    assert dpo_handoff.uninstall(repo) == 0
+    assert capsys.readouterr().out == (f"nothing installed in {repo} (no handoff record {handoff_record.RECORD}): "
+                                       "nothing touched\n")
     leftover = f".{handoff_record.RECORD}{handoff_record.TEMPORARY}"  # a record being written when killed
     (repo / leftover).write_bytes(b"half")
     assert dpo_handoff.uninstall(repo) == 0
