@@ -414,11 +414,12 @@ def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tm
     model, report, data = base_model_dir, tmp_path / "report.json", REAL_HH
     if damage == "report_is_a_folder":
         report = tmp_path
-        expected = f"--report {tmp_path} is a folder: name the JSON file to write"
+        expected = f"--report {tmp_path} is a folder: name the JSON file to write, e.g. {tmp_path / 'check.json'}"
     elif damage == "no_rejected":
         data = tmp_path / "sft_only.jsonl"
         data.write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello"}) + "\n")
-        expected = f"--data {data}: its rows have no 'rejected' field (columns: chosen)"
+        expected = (f"--data {data}: its rows have no 'rejected' field (columns: chosen); check scores preference "
+                    "pairs: rows with 'chosen' and 'rejected'")
     elif damage == "no_max_len":
         config = dpo_repo / "config_dpo.yaml"
         config.write_text(config.read_text().replace("max_len: 512", "max_length: 512"))
@@ -430,10 +431,12 @@ def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tm
         expected = "no tokenizer files"
     else:
         report = tmp_path / "missing" / "report.json"
-        expected = "its folder does not exist or is not writable"
+        expected = f"--report {report}: its folder does not exist or is not writable"
     result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), "--report", str(report),
                      "--data", str(data))
     assert_refused(result, expected)
+    if damage in ("report_is_a_folder", "no_rejected", "report_folder"):  # the whole line, word for word
+        assert result.stderr == f"error: {expected}\n"
 
 
 @pytest.mark.slow
