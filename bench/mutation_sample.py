@@ -36,7 +36,10 @@ def unkilled() -> list[str]:
 
 
 def run(mutant: str, timeout: int) -> str:
-    env = {**os.environ, "MUTANT_UNDER_TEST": mutant}
+    # check runs as a script (`python dpo_handoff.py check`), where its functions' module is __main__: mutmut's
+    # trampoline applies a mutant only in the module it names
+    active = mutant.replace("dpo_handoff.", "__main__.", 1) if mutant.startswith("dpo_handoff.") else mutant
+    env = {**os.environ, "MUTANT_UNDER_TEST": active}
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
                                 cwd=ROOT / "mutants", env=env, capture_output=True, text=True, timeout=timeout)
@@ -49,13 +52,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--every", type=int, default=10, help="run every N-th mutant (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant (default: %(default)s)")
+    parser.add_argument("names", nargs="*", help="run these mutants instead of a sample")
     args = parser.parse_args()
     stack = ROOT / "mutants" / ".dpo-stack"
     if not stack.exists():
         stack.symlink_to(ROOT / ".dpo-stack")
     names = unkilled()
-    sample = names[::args.every]
-    print(f"{len(names)} mutants reached only in the DPO repo's stack; running {len(sample)} (every {args.every}th)")
+    sample = args.names or names[::args.every]
+    print(f"{len(names)} mutants reached only in the DPO repo's stack; running {len(sample)}"
+          + ("" if args.names else f" (every {args.every}th)"))
     results = {}
     for name in sample:
         results[name] = run(name, args.timeout)
