@@ -174,6 +174,10 @@ def test_the_handoffs_help(capsys, tmp_path, monkeypatch, command):
     """What `python dpo_handoff.py [install|uninstall|check] --help` prints (the help is the tool's manual)."""
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setattr("sys.argv", ["dpo_handoff.py"])
+    monkeypatch.chdir(tmp_path)  # the default --data by a relative path: the help wraps the same in any checkout
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "hh.jsonl.gz").write_bytes(b"")
+    monkeypatch.setattr(dpo_handoff, "DEFAULT_DATA", Path("data/hh.jsonl.gz"))
     with pytest.raises(SystemExit) as stop:
         dpo_handoff.main([*command, "--help"])
     assert stop.value.code == 0
