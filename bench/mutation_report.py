@@ -12,11 +12,16 @@ from collections import Counter, defaultdict
 STATUSES = ("killed", "timeout", "survived", "no tests")
 
 
-def main() -> None:
+def mutant_statuses() -> list[tuple[str, str]]:
+    """(mutant name, status) of every mutant of the last `mutmut run`, in mutmut's order."""
     out = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
+    rows = (line.strip().rpartition(": ") for line in out.splitlines())
+    return [(name, status) for name, _, status in rows if status in (*STATUSES, "not checked")]
+
+
+def main() -> None:
     counts: dict[str, Counter] = defaultdict(Counter)
-    for line in out.splitlines():
-        name, _, status = line.strip().rpartition(": ")
+    for name, status in mutant_statuses():
         if status in STATUSES:
             counts[name.split(".x")[0]][status] += 1
     print("| module | killed | timeout | survived | no tests | score |\n|---|---:|---:|---:|---:|---:|")

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mutation_report import mutant_statuses  # bench/, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 # The code that runs only in the DPO repo's stack: check past its input refusals, and what it calls there
 IN_DPO_STACK = ("dpo_handoff.x_check_", "dpo_handoff.x__measure_", "dpo_handoff.x__loss_logps_",
@@ -29,10 +31,8 @@ TESTS = ("tests/test_dpo_handoff.py::test_check_fails_on_reply_only_scoring_then
 
 def unkilled() -> list[str]:
     """The mutants of IN_DPO_STACK that the mutmut run did not kill, in mutmut's order."""
-    out = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout
-    rows = (line.strip().rpartition(": ") for line in out.splitlines())
-    return [name for name, _, status in rows if name.startswith(IN_DPO_STACK) and status in ("no tests", "survived")]
+    return [name for name, status in mutant_statuses()
+            if name.startswith(IN_DPO_STACK) and status in ("no tests", "survived")]
 
 
 def run(mutant: str, timeout: int) -> str:

@@ -384,12 +384,15 @@ def test_install_copies_what_the_installed_modules_import():
 
 
 # --- check -------------------------------------------------------------------------------------------------------
+def check_result(state, scored):
+    """What check passes to _verdict for two pairs (rows 10 and 11 of --data) of 5+7 and 3+4 reply tokens."""
+    return {"repo": "r", "state": state, "model": "sft_out", "data": "hh.jsonl", "max_len": 512, "rows_read": 40,
+            "rows": np.array([10, 11]), "expected_tokens": np.array([[5, 7], [3, 4]]),
+            "scored_tokens": np.array(scored), "dropped_by_repo_builder": 3, "dropped_by_sft_builder": 1}
+
+
 def verdict(scored, diff, state="installed"):
-    expected = np.array([[5, 7], [3, 4]])
-    result = {"repo": "r", "state": state, "model": "m", "data": "d", "max_len": 512, "rows_read": 2,
-              "rows": np.array([10, 11]), "expected_tokens": expected, "scored_tokens": np.array(scored),
-              "dropped_by_repo_builder": 0, "dropped_by_sft_builder": 0}
-    return dpo_handoff._verdict(result, np.array(diff, dtype=float), Path("r"))
+    return dpo_handoff._verdict(check_result(state, scored), np.array(diff, dtype=float), Path("r"))
 
 
 def test_check_fails_when_every_token_is_scored_but_a_pair_is_off(capsys):

@@ -192,6 +192,13 @@ SHA = "a" * 64
 GOOD_ORIGINAL = base64.b64encode(b"upstream\n").decode()
 
 
+def files_entry(name, action, before=None, written=None, original=None):
+    """A record whose one entry holds these raw field values (written: [SHA] unless given), for _parse to judge."""
+    return {"state": "installed", "files": {name: {"action": action, "before_sha256": before,
+                                                   "written_sha256": [SHA] if written is None else written,
+                                                   "original_base64": original}}}
+
+
 @pytest.mark.parametrize(("data", "said"), [
     ([], 'no "tool": "hh-sft dpo_handoff.py"'),
     ({"tool": "another-tool", "version": 1, "state": "installed", "files": {}}, 'no "tool": "hh-sft dpo_handoff.py"'),
@@ -203,39 +210,28 @@ GOOD_ORIGINAL = base64.b64encode(b"upstream\n").decode()
     ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
                                                      "written_sha256": [SHA], "original_base64": None, "x": 1}}},
      "entry 'model_io.py' is not an object with action, before_sha256, written_sha256, original_base64"),
-    ({"state": "installed", "files": {"model_io.py": {"action": "deleted", "before_sha256": None,
-                                                     "written_sha256": [SHA], "original_base64": None}}},
+    (files_entry("model_io.py", "deleted"),
      "entry 'model_io.py': action 'deleted' is neither 'added' nor 'changed'"),
-    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
-                                                     "written_sha256": SHA, "original_base64": None}}},
+    (files_entry("model_io.py", "added", written=SHA),
      "entry 'model_io.py': written_sha256 is not a list of sha256 hex digests"),
-    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
-                                                     "written_sha256": [SHA, "b" * 63], "original_base64": None}}},
+    (files_entry("model_io.py", "added", written=[SHA, "b" * 63]),
      "entry 'model_io.py': written_sha256 is not a list of sha256 hex digests"),
-    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
-                                                     "written_sha256": [7], "original_base64": None}}},
+    (files_entry("model_io.py", "added", written=[7]),
      "entry 'model_io.py': written_sha256 is not a list of sha256 hex digests"),
-    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": SHA,
-                                                     "written_sha256": [SHA], "original_base64": None}}},
+    (files_entry("model_io.py", "added", before=SHA),
      "entry 'model_io.py' is 'added' but carries original bytes"),
-    ({"state": "installed", "files": {"model_io.py": {"action": "added", "before_sha256": None,
-                                                     "written_sha256": [SHA], "original_base64": GOOD_ORIGINAL}}},
+    (files_entry("model_io.py", "added", original=GOOD_ORIGINAL),
      "entry 'model_io.py' is 'added' but carries original bytes"),
-    ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": None,
-                                                     "written_sha256": [SHA], "original_base64": GOOD_ORIGINAL}}},
+    (files_entry("training.py", "changed", original=GOOD_ORIGINAL),
      "entry 'training.py' is 'changed' but lacks its before_sha256 or original_base64"),
-    ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": "z" * 64,
-                                                     "written_sha256": [SHA], "original_base64": GOOD_ORIGINAL}}},
+    (files_entry("training.py", "changed", before="z" * 64, original=GOOD_ORIGINAL),
      "entry 'training.py' is 'changed' but lacks its before_sha256 or original_base64"),
-    ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": SHA,
-                                                     "written_sha256": [SHA], "original_base64": None}}},
+    (files_entry("training.py", "changed", before=SHA),
      "entry 'training.py' is 'changed' but lacks its before_sha256 or original_base64"),
-    ({"state": "installed", "files": {"training.py": {"action": "added", "before_sha256": None,
-                                                     "written_sha256": [SHA], "original_base64": None}}},
+    (files_entry("training.py", "added"),
      "entry 'training.py' is marked 'added' but the handoff never adds that file (it exists in the repository "
      "before any install)"),
-    ({"state": "installed", "files": {"training.py": {"action": "changed", "before_sha256": SHA,
-                                                     "written_sha256": [SHA], "original_base64": GOOD_ORIGINAL}}},
+    (files_entry("training.py", "changed", before=SHA, original=GOOD_ORIGINAL),
      "entry 'training.py': the stored original does not match its before_sha256 (it is not the file as it was)"),
 ])
 def test_each_rule_of_the_record_is_refused_with_its_own_reason(data, said):

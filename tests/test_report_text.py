@@ -20,6 +20,7 @@ import sft_report
 from conftest import REPO, matches_golden
 from data_process_sft import DataReport
 from sft_config import load_config
+from test_dpo_handoff import Killed, check_result, killer, make_repo
 
 SHIPPED_FILE = "data/hh_sample.jsonl"
 
@@ -142,13 +143,6 @@ def test_the_best_eval_lines_and_card_row_say_which_model_was_saved(tmp_path, mo
     assert sft_report.best_lines(metrics(cfg)) == [] and sft_report.best_row(metrics(cfg)) == ""
     unknown = metrics(cfg, best={"step": None, "eval_loss": None, "handed_off": False, "stopped_early": False})
     assert sft_report.best_lines(unknown) == [] and sft_report.best_row(unknown) == ""
-
-
-def check_result(state, scored, rows=(10, 11)):
-    expected = np.array([[5, 7], [3, 4]])
-    return {"repo": "r", "state": state, "model": "sft_out", "data": "hh.jsonl", "max_len": 512, "rows_read": 40,
-            "rows": np.array(rows), "expected_tokens": expected, "scored_tokens": np.array(scored),
-            "dropped_by_repo_builder": 3, "dropped_by_sft_builder": 1}
 
 
 @pytest.mark.parametrize(("state", "scored", "diff"), [
@@ -371,8 +365,6 @@ def test_log_to_wandb_logs_with_the_step_only_when_a_run_is_open(monkeypatch):
 
 # --- the small rules behind the texts (each found by mutation testing: broken, every test above still passed) ----
 def test_uninstall_says_what_it_put_back_file_by_file(tmp_path, capsys):
-    from test_dpo_handoff import Killed, killer, make_repo
-
     repo = make_repo(tmp_path)
     assert dpo_handoff.install(repo) == 0
     capsys.readouterr()
@@ -390,8 +382,6 @@ def test_uninstall_says_what_it_put_back_file_by_file(tmp_path, capsys):
 
 
 def test_an_uninstall_with_nothing_installed_names_the_temporary_files_it_removed(tmp_path, capsys):
-    from test_dpo_handoff import make_repo
-
     repo = make_repo(tmp_path)
     assert dpo_handoff.uninstall(repo) == 0
     assert capsys.readouterr().out == (f"nothing installed in {repo} (no handoff record {handoff_record.RECORD}): "
@@ -406,8 +396,6 @@ def test_an_uninstall_with_nothing_installed_names_the_temporary_files_it_remove
 
 @pytest.mark.parametrize("leftovers", [(), ("model_io.py", "training.py.hh-sft-backup")])
 def test_the_older_install_advice_lists_exactly_what_to_remove(tmp_path, leftovers):
-    from test_dpo_handoff import make_repo
-
     repo = make_repo(tmp_path)
     for name in leftovers:
         (repo / name).write_text("x")
@@ -420,8 +408,6 @@ def test_the_older_install_advice_lists_exactly_what_to_remove(tmp_path, leftove
 
 
 def test_checks_input_rules_word_for_word(tmp_path, monkeypatch):
-    from test_dpo_handoff import make_repo
-
     repo = make_repo(tmp_path)
     config = repo / "config_dpo.yaml"
     config.write_text("dataset: [unclosed\n")
