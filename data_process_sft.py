@@ -350,14 +350,17 @@ def _dpo_batch(batch, rows, render, counter, max_length, code):  # `code`: part 
         reason = reason or _pair_problem(good, bad)
         pairs.append(None if reason else (good[:-1], good[-1], bad[-1]))
         reasons.append(reason)
+    sides = []
+    for pair in pairs:
+        sides += [pair[0] + [pair[1]], pair[0] + [pair[2]]] if pair else [[], []]
+    ids_from = render if render is not None else counter
+    sequences = tokenize_conversations(ids_from, sides) if ids_from is not None else []
     if counter is not None:  # the SFT tokenization: the same token count TRL gets for prompt + reply + eos
-        sides = []
-        for pair in pairs:
-            sides += [pair[0] + [pair[1]], pair[0] + [pair[2]]] if pair else [[], []]
-        lengths = [len(ids) for ids in tokenize_conversations(counter, sides)]
-        reasons = [r or ("over_max_length" if max(lengths[2 * i: 2 * i + 2]) > max_length else "")
+        reasons = [r or ("over_max_length" if max(map(len, sequences[2 * i: 2 * i + 2])) > max_length else "")
                    for i, r in enumerate(reasons)]
     out = {"prompt": [], "chosen": [], "rejected": [], "row": rows, "drop_reason": reasons}
+    if render is not None:
+        out |= _dpo_token_ids(render, pairs, sequences)
     for pair in pairs:
         prompt, good, bad = pair or ([], None, None)
         if render is None:
@@ -372,6 +375,40 @@ def _dpo_batch(batch, rows, render, counter, max_length, code):  # `code`: part 
     return out
 
 
+def _dpo_token_ids(tokenizer, pairs: list, sequences: list[list[int]]) -> dict[str, list[list[int]]]:
+    """`prompt_input_ids`/`chosen_input_ids`/`rejected_input_ids` of each pair: SFT's own ids of prompt + reply
+    (`sequences`, chosen and rejected side by side) cut where the reply's content starts. Ours because TRL 0.26's
+    tokenize_row re-tokenizes the text columns, turning a literal "<|eot_id|>" in a message into the control token
+    SFT never trained; hh_sft_dpo.sft_token_ids_row hands these ids to TRL instead."""
+    out = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
+    replies = content_token_ids(tokenizer, [side["content"] for pair in pairs if pair for side in pair[1:]])
+    replies = iter(replies)
+    for i, pair in enumerate(pairs):
+        if pair is None:
+            for ids in out.values():
+                ids.append([])
+            continue
+        chosen, rejected = sequences[2 * i], sequences[2 * i + 1]
+        good, bad = next(replies) + [tokenizer.eos_token_id], next(replies) + [tokenizer.eos_token_id]
+        prompt = chosen[: len(chosen) - len(good)]
+        if chosen[len(prompt):] != good or rejected[: len(prompt)] != prompt or rejected[len(prompt):] != bad:
+            raise ValueError("the chat template must end each reply with its content and the eos token")
+        out["prompt_input_ids"].append(prompt)
+        out["chosen_input_ids"].append(good)
+        out["rejected_input_ids"].append(bad)
+    return out
+
+
+def content_token_ids(tokenizer, contents: list[str]) -> list[list[int]]:
+    """Token ids of each message content (stripped), special-token safe: a literal "<|eot_id|>" stays text."""
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: ~2x faster than the Python wrapper here
+    backend.encode_special_tokens = True  # what `split_special_tokens=True` does
+    try:
+        return [e.ids for e in backend.encode_batch_fast([c.strip() for c in contents], add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = False
+
+
 def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
     """Token ids of each conversation as the tokenizer's chat template renders it, special-token safe.
 
@@ -381,13 +418,7 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]])
     becoming the real token (which `apply_chat_template(tokenize=True)` would do). Same ids as the
     template otherwise: pieces meet contents at special tokens or at the "\\n\\n" after a header.
     """
-    contents = [m["content"].strip() for conv in conversations for m in conv]
-    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: ~2x faster than the Python wrapper here
-    backend.encode_special_tokens = True  # what `split_special_tokens=True` does
-    try:
-        content_ids = iter([e.ids for e in backend.encode_batch_fast(contents, add_special_tokens=False)])
-    finally:
-        backend.encode_special_tokens = False
+    content_ids = iter(content_token_ids(tokenizer, [m["content"] for conv in conversations for m in conv]))
     result = []
     for conv in conversations:
         ids: list[int] = []

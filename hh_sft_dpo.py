@@ -3,6 +3,7 @@ modules it imports): the DPO rows as SFT tokenized them, and its training loss's
 
     build_dpo_pairs(raw, tok, max_length)        HH rows -> rows TRL 0.26 tokenizes exactly as SFT did; pairs over
                                                  max_length dropped and counted, so TRL never cuts one
+    sft_token_ids_row(features, ...)             TRL's tokenize_row for those rows: SFT's token ids, unchanged
     dpo_length_args(max_length)                  the DPOConfig length keys that go with them
     trl_sequence_logps(trainer, model, inputs)   policy and reference log-probs of prompt + reply, from TRL, with
                                                  the metrics TRL's DPOTrainer logs (rewards/*, logps/*, logits/*)
@@ -19,6 +20,14 @@ def build_dpo_pairs(raw, tokenizer, max_length: int):
     pairs, report = build_dpo_dataset(raw, tokenizer, max_length=max_length, return_report=True)
     print(f"DPO data (hh-sft chat format, max_length {max_length}): {report.summary()}")
     return pairs
+
+
+def sft_token_ids_row(features, processing_class=None, max_prompt_length=None, max_completion_length=None,
+                      add_special_tokens=False) -> dict:
+    """TRL 0.26's DPOTrainer.tokenize_row for rows from build_dpo_pairs: the token ids SFT trained on, as they are
+    (the row's `*_input_ids`, the reply's eos included). TRL's own tokenize_row re-tokenizes the text, which turns a
+    literal "<|eot_id|>" typed in a message into the control token. Nothing is cut: every pair already fits."""
+    return {key: features[key] for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
 
 
 def dpo_length_args(max_length: int) -> dict:

@@ -494,6 +494,50 @@ def test_check_fails_on_reply_only_scoring_then_passes_after_install(sft_run, dp
     assert "ok: the training loss scores every reply token of" in after.stdout
 
 
+def control_token_rows(tokenizer, hh_rows, conversational: bool) -> list[dict]:
+    """16 real HH pairs whose prompts and replies also hold, as literal text, every special token string of the
+    Llama-3 tokenizer (16 to a row), as HH text or as TRL's conversational preference rows."""
+    from data_process_sft import parse_hh_to_messages
+
+    specials = sorted(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    per_row = -(-len(specials) // 16)
+    pairs = [(parse_hh_to_messages(r["chosen"]), parse_hh_to_messages(r["rejected"])) for r in hh_rows
+             if r["chosen"].count("Human:") == 1 and len(r["chosen"]) < 400]
+    rows = []
+    for i, (chosen, rejected) in enumerate([p for p in pairs if p[0][:-1] == p[1][:-1]][:16]):
+        mine = specials[i * per_row: (i + 1) * per_row]
+        for conversation in (chosen, rejected):
+            conversation[0]["content"] += " " + " ".join(mine[: len(mine) // 2])
+            conversation[-1]["content"] += " " + " ".join(mine[len(mine) // 2:])
+        if conversational:
+            rows.append({"chosen": chosen, "rejected": rejected})
+        else:
+            rows.append({side: "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                                       for m in conversation) for side, conversation in
+                         (("chosen", chosen), ("rejected", rejected))})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conversational", [False, True], ids=["hh-text", "conversational"])
+def test_the_installed_loss_scores_control_token_text_as_sft_trained_it(sft_run, dpo_stack, dpo_repo, tmp_path,
+                                                                        conversational, llama32_tokenizer, hh_rows):
+    """A message that holds "<|eot_id|>" or "<|start_header_id|>" as text: SFT trains it as text; TRL 0.26's own
+    tokenize_row would make control tokens of it. The installed path hands TRL SFT's ids: check passes."""
+    rows = control_token_rows(llama32_tokenizer, hh_rows, conversational)
+    covered = "".join(json.dumps(row) for row in rows)
+    assert all(t.content in covered for t in llama32_tokenizer.added_tokens_decoder.values() if t.special)
+    data = tmp_path / "control.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
+    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(sft_run[1]), "--data", str(data),
+                     "-n", "16", "--report", str(tmp_path / "check.json"), env=stack_env(dpo_stack))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    seen = json.loads((tmp_path / "check.json").read_text())
+    assert len(seen["rows"]) == len(rows) >= 12
+    assert seen["scored_tokens"] == [tokens * 2 for tokens in seen["expected_tokens"]]
+
+
 @pytest.mark.slow
 def test_the_installed_loss_trains_and_logs_like_trls_dpo_trainer(sft_run, dpo_stack, dpo_repo):
     """The oracle: the installed RiskBetaDPOTrainer (beta held, as in upstream's warm-up) and TRL 0.26.2's stock
