@@ -166,9 +166,11 @@ def unlock_save_dir(save_dir: str, remove: bool = False) -> None:
         handle.close()
 
 
-def prepare_save_dir(save_dir: str, overwrite: bool, epochs: int | None = None) -> str | None:
+def prepare_save_dir(save_dir: str, overwrite: bool, epochs: int | None = None,
+                     max_steps: int | None = None) -> str | None:
     """Lock save_dir, mark it ours, and return the checkpoint to resume from (None: start fresh); see the module
-    docstring. `epochs` (sft_training.epochs) decides whether a finished run with kept checkpoints continues."""
+    docstring. The run's length (sft_training.max_steps when set, else epochs) decides whether a finished run with
+    kept checkpoints continues, and refuses a checkpoint already past it."""
     if not overwrite and (foreign := foreign_files(save_dir)):
         raise ConfigError(f"sft_training.save_dir: {save_dir} holds files that train_sft.py did not write "
                           f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); pass --overwrite to "
@@ -202,13 +204,41 @@ def prepare_save_dir(save_dir: str, overwrite: bool, epochs: int | None = None) 
             os.replace(path, aside)
     resume_from = last_complete_checkpoint(save_dir)
     if os.path.exists(os.path.join(save_dir, "model.safetensors")):
-        return _finished_run(save_dir, resume_from, epochs)
+        resume_from = _finished_run(save_dir, resume_from, epochs, max_steps)
+    if resume_from is not None:
+        _check_not_past(resume_from, epochs, max_steps)
     return resume_from
 
 
-def _finished_run(save_dir: str, resume_from: str | None, epochs: int | None) -> str:
+def checkpoint_progress(checkpoint: str) -> tuple[int, float]:
+    """(optimizer steps, epochs) a checkpoint's weights have, from its trainer_state.json."""
+    state = _read_json(os.path.join(checkpoint, "trainer_state.json"))
+    return int(state.get("global_step") or 0), float(state.get("epoch") or 0.0)
+
+
+def _check_not_past(checkpoint: str, epochs: int | None, max_steps: int | None) -> None:
+    """Refuse a checkpoint that already trained more than this run asks for: resumed, it would hand off a model of
+    more steps than the config says (the Trainer never goes back)."""
+    try:
+        steps, done = checkpoint_progress(checkpoint)
+    except (OSError, ValueError, TypeError):  # (read whole before: _is_complete)
+        return
+    if max_steps and steps > max_steps:
+        key, target, have = "max_steps", max_steps, f"step {steps}"
+    elif not max_steps and epochs is not None and done > epochs + 1e-6:
+        key, target, have = "epochs", epochs, f"epoch {done:g} (step {steps})"
+    else:
+        return
+    raise ConfigError(f"{checkpoint} is at {have}, past this run's sft_training.{key} {target:g}: resuming it "
+                      f"would hand off a longer-trained model than the config says; set sft_training.{key} to at "
+                      f"least {steps if key == 'max_steps' else f'{done:g}'} (the run that wrote it), or start "
+                      "fresh with --overwrite or another save_dir")
+
+
+def _finished_run(save_dir: str, resume_from: str | None, epochs: int | None, max_steps: int | None) -> str:
     """save_dir holds weights: finish a run cut short in its report, continue a finished one with kept
-    checkpoints for more epochs, or refuse (saying what --overwrite would delete)."""
+    checkpoints when the run's length grew (max_steps when set, else epochs), or refuse (saying what --overwrite
+    would delete)."""
     metrics = os.path.join(save_dir, "metrics.json")
     if not os.path.exists(metrics):
         if resume_from is None:
@@ -217,15 +247,21 @@ def _finished_run(save_dir: str, resume_from: str | None, epochs: int | None) ->
         print(f"{save_dir} holds the weights of a run whose final save was cut short: finishing it from "
               f"{resume_from}")
         return resume_from
+    key = "max_steps" if max_steps else "epochs"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        done = _read_json(metrics)["config"]["sft_training"]["epochs"]
-        if resume_from is not None and epochs is not None and epochs > done:
-            print(f"{save_dir} holds a finished run of {done:g} epoch(s) with its resume state kept: continuing "
-                  f"from {resume_from} to {epochs:g} epochs (its model is replaced when this run finishes)")
+        done = _read_json(metrics)
+        steps = int(done["global_step"])
+        trained = float(done.get("epochs_trained", done["config"]["sft_training"]["epochs"]))
+        have, want = (f"{steps} steps", f"{max_steps} steps") if max_steps else \
+            (f"{trained:g} epoch(s)", f"{epochs:g} epochs")
+        if resume_from is not None and (max_steps > steps if max_steps else epochs is not None and
+                                        epochs > trained + 1e-6):
+            print(f"{save_dir} holds a finished run of {have} with its resume state kept: continuing from "
+                  f"{resume_from} to {want} (its model is replaced when this run finishes)")
             return resume_from
     if resume_from:
         raise ConfigError(f"{save_dir} already holds a finished model and its kept resume state "
-                          f"({os.path.basename(resume_from)}): raise sft_training.epochs to continue from it; "
+                          f"({os.path.basename(resume_from)}): raise sft_training.{key} to continue from it; "
                           "--overwrite deletes both and trains a new model from step 0; or set another "
                           "sft_training.save_dir")
     raise ConfigError(f"{save_dir} already holds a finished model; --overwrite deletes it and trains a new model "

@@ -136,6 +136,7 @@ def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runti
         "eval_loss": last_eval.get("eval_loss", float("nan")),
         "eval_accuracy": last_eval.get("eval_accuracy", float("nan")),
         "global_step": trainer.state.global_step,
+        "epochs_trained": round(epochs_done, 4),  # what the weights have (a max_steps run stops mid-epoch)
         "global_batch": t.batch_size * t.gradient_accumulation * trainer.args.world_size,
         "train_conversations": len(split["train"]),
         "eval_conversations": len(split["test"]),
@@ -370,6 +371,7 @@ def model_card(cfg: Config, metrics: dict) -> str:
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(data["dropped"].items())) or "none"
     hyper = "\n".join(f"| `{k}` | `{v}` |" for k, v in t.model_dump().items())
     repo = t.hub_model_id if t.push_to_hub else os.path.abspath(t.save_dir)
+    epochs = f" ({metrics['epochs_trained']:g} epochs)" if "epochs_trained" in metrics else ""  # (older reports)
     dataset_tag = f"datasets:\n- {cfg.dataset.dataset_name}\n" if "/" in cfg.dataset.dataset_name and \
         not os.path.exists(cfg.dataset.dataset_name) else ""
     return f"""---
@@ -398,7 +400,7 @@ on every assistant turn and its `<|eot_id|>`; prompts, headers and padding are m
 | train loss | {metrics["train_loss"]:.4f} |
 | eval loss | {metrics["eval_loss"]:.4f} |{best_row(metrics)}
 | eval accuracy (next token, assistant tokens) | {metrics["eval_accuracy"]:.4f} |
-| optimizer steps | {metrics["global_step"]} |
+| optimizer steps | {metrics["global_step"]}{epochs} |
 | global batch | {metrics["global_batch"]} |
 | tokens trained / seen | {metrics["tokens_trained"]} / {metrics["tokens_seen"]} |
 | runtime | {metrics["runtime_s"]} s |

@@ -344,6 +344,14 @@ class SFTRunTrainer(SFTTrainer):
             raise NonFiniteLoss(f"the training loss became {loss.item()} at step {self.state.global_step + 1}")
         return loss
 
+    def _run_epoch(self, *args, **kwargs):
+        """No step past max_steps: resumed from a checkpoint already at max_steps mid-epoch, the Trainer would take
+        one more batch before it checks (the epoch loop only checks after a step)."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         """The resumed schedule is this run's: the configured learning rate (a checkpoint's scheduler state would
         bring the old one back) and the current schedule's value at the resumed step (a finished run continued for

@@ -153,7 +153,8 @@ def prepare(run: Run) -> Prepared:
             if run.mode == "readiness":
                 finished = contract.finished_run(t.save_dir, cfg)
             elif state.is_main_process:
-                resume_from = contract.prepare_save_dir(t.save_dir, overwrite=run.overwrite, epochs=t.epochs)
+                resume_from = contract.prepare_save_dir(t.save_dir, overwrite=run.overwrite, epochs=t.epochs,
+                                                       max_steps=t.max_steps)
                 run_env.check_disk_space(cfg)
             else:
                 resume_from = contract.last_complete_checkpoint(t.save_dir)
@@ -242,8 +243,10 @@ def build_trainer(run: Run, prepared: Prepared):
         if attention_note:
             print(f"  attention: {attention_note}")
         if prepared.resume_from:
-            print(f"Resuming from {prepared.resume_from} (step {contract.checkpoint_step(prepared.resume_from)}); "
-                  "--overwrite starts fresh")
+            step = contract.checkpoint_step(prepared.resume_from)
+            print(f"Resuming from {prepared.resume_from} (step {step}); --overwrite starts fresh" if not t.max_steps
+                  or step < t.max_steps else f"Finishing from {prepared.resume_from}: it is at sft_training.max_steps "
+                  f"{t.max_steps}, so no step is trained")
         if aside := contract.set_aside(t.save_dir):
             print(f"  set aside in save_dir (damaged, never resumed or rotated; delete when done): {', '.join(aside)}")
     return trainer

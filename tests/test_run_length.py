@@ -1,0 +1,126 @@
+"""A run's length (sft_training.max_steps when set, else epochs) as the fifth fault trial found it broken: the same
+command after a kill at any point ends with the weights and report of an uninterrupted run; a checkpoint past the
+run's length is refused; a finished run continues when the key it uses grows, and its advice names that key."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+import save_dir_contract as contract
+from conftest import real_checkpoint, run_cli, write_config
+from sft_config import ConfigError
+from test_save_dir import injected
+
+# A max_steps run that stops mid-epoch (96 rows in batches of 4: ~20 steps an epoch), at a constant learning rate,
+# so one step too many shows in the weights.
+MAX_STEPS = {"subset": "train[:96]", "val_ratio": 0.1, "max_steps": 4, "save_steps": 2, "lr_scheduler_type": "constant",
+             "readiness_pairs": 0, "sample_prompts": 0}
+# Where a kill lands: os._exit(137) after (or instead of) one stage of the run's end.
+KILL_POINTS = {
+    "checkpoint at max_steps written": "import sft_trainer\nsave = sft_trainer.WriteRunFingerprint.on_save\n"
+        "def on_save(self, args, state, control, **kw):\n    save(self, args, state, control, **kw)\n"
+        "    if state.global_step == 4: os._exit(137)\nsft_trainer.WriteRunFingerprint.on_save = on_save",
+    "final save started": "import model_io\nmodel_io.save_final_model = lambda *a, **k: os._exit(137)",
+    "weights published": "import save_dir_contract\npublish = save_dir_contract.publish\n"
+        "save_dir_contract.publish = lambda d: (publish(d), os._exit(137))",
+    "report written": "import sft_report\nsft_report.write_report = lambda *a, **k: os._exit(137)",
+    "metrics.json written": "import sft_report\nsft_report.save_metrics = lambda *a, **k: os._exit(137)",
+}
+
+
+def finished(out):
+    return load_file(out / "model.safetensors"), json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_kill_at_every_point_of_a_max_steps_run_ends_with_the_uninterrupted_model_and_report(tmp_path,
+                                                                                              small_base_dir):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert run_cli("--config", str(write_config(reference, small_base_dir, **MAX_STEPS)), cwd=reference).returncode == 0
+    weights, metrics = finished(reference / "out")
+    assert metrics["global_step"] == 4 and 0 < metrics["epochs_trained"] < 1  # stopped mid-epoch
+    for name, patch in KILL_POINTS.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        config = write_config(folder, small_base_dir, **MAX_STEPS)
+        killed = run_cli("--config", str(config), cwd=folder, script=str(injected(folder, "import os\n" + patch)))
+        assert killed.returncode == 137, (name, killed.stderr[-2000:])
+        rerun = run_cli("--config", str(config), cwd=folder)
+        assert rerun.returncode == 0, (name, rerun.stderr[-2000:])
+        got, report = finished(folder / "out")
+        assert max((weights[k] - got[k]).abs().max().item() for k in weights) <= 1e-6, name
+        assert (report["global_step"], report["epochs_trained"]) == (4, metrics["epochs_trained"]), name
+        assert report["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-6), name
+        if name == "checkpoint at max_steps written":
+            assert "Finishing from" in rerun.stdout and "so no step is trained" in rerun.stdout
+
+
+def checkpoint_at(folder, step, epoch):
+    path = real_checkpoint(folder, step)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": epoch}))
+    return path
+
+
+@pytest.mark.parametrize(("length", "said"), [
+    ({"max_steps": 2}, "is at step 4, past this run's sft_training.max_steps 2: resuming it would hand off a "
+                       "longer-trained model than the config says; set sft_training.max_steps to at least 4"),
+    ({"epochs": 1}, "is at epoch 1.5 (step 4), past this run's sft_training.epochs 1: resuming it would hand off a "
+                    "longer-trained model than the config says; set sft_training.epochs to at least 1.5")])
+def test_a_checkpoint_past_the_runs_length_is_refused_in_one_line(tmp_path, length, said):
+    checkpoint_at(tmp_path, 4, 1.5)
+    with pytest.raises(ConfigError) as refused:
+        contract.prepare_save_dir(str(tmp_path), overwrite=False, **{"epochs": 2, **length})
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+    assert (tmp_path / "checkpoint-4").is_dir()  # nothing deleted
+
+
+def test_a_checkpoint_at_or_within_the_runs_length_is_resumed(tmp_path):
+    checkpoint_at(tmp_path, 4, 1.5)
+    for length in ({"max_steps": 4}, {"max_steps": 9}, {"epochs": 2}):
+        assert contract.prepare_save_dir(str(tmp_path), overwrite=False, **{"epochs": 1, **length}) == \
+            str(tmp_path / "checkpoint-4")
+        contract.unlock_save_dir(str(tmp_path))
+
+
+def finished_folder(folder, steps, epochs_trained, **sft):
+    checkpoint_at(folder, steps, epochs_trained)
+    (folder / "model.safetensors").write_text("weights")
+    (folder / "metrics.json").write_text(json.dumps({
+        "global_step": steps, "epochs_trained": epochs_trained, "tokens_trained": 1,
+        "config": {"sft_training": {"epochs": 1, "max_steps": None, **sft}}}))
+
+
+@pytest.mark.parametrize(("length", "continues"), [
+    ({"max_steps": 6}, "holds a finished run of 4 steps with its resume state kept: continuing from"),
+    ({"epochs": 2}, "holds a finished run of 0.4 epoch(s) with its resume state kept: continuing from"),
+    ({"epochs": 1}, "holds a finished run of 0.4 epoch(s) with its resume state kept: continuing from")])
+def test_a_finished_run_continues_when_the_key_it_uses_grows(tmp_path, capsys, length, continues):
+    finished_folder(tmp_path, 4, 0.4, max_steps=4)
+    assert contract.prepare_save_dir(str(tmp_path), overwrite=False, **{"epochs": 1, **length}) == \
+        str(tmp_path / "checkpoint-4")
+    assert continues in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("length", "key"), [({"max_steps": 4}, "max_steps"), ({"max_steps": 3}, "max_steps"),
+                                             ({"epochs": 1}, "epochs")])
+def test_a_finished_run_that_did_not_grow_is_refused_naming_the_key_the_run_uses(tmp_path, length, key):
+    finished_folder(tmp_path, 4, 1.0)
+    with pytest.raises(ConfigError, match=rf"already holds a finished model and its kept resume state "
+                                          rf"\(checkpoint-4\): raise sft_training\.{key} to continue from it"):
+        contract.prepare_save_dir(str(tmp_path), overwrite=False, **{"epochs": 1, **length})
+
+
+def test_metrics_and_the_card_say_the_steps_and_epochs_the_weights_have():
+    from sft_report import model_card
+
+    from conftest import REPO
+    from sft_config import load_config
+
+    cfg = load_config(str(REPO / "config_dpo.yaml"))
+    metrics = {"data": {"dropped": {}, "rows_read": 1, "rows_kept": 1, "truncated": 0, "tokens": 1,
+                        "assistant_tokens": 1}, "train_conversations": 1, "eval_conversations": 1,
+               "train_loss": 1.0, "eval_loss": 1.0, "eval_accuracy": 0.5, "global_step": 4, "epochs_trained": 0.25,
+               "global_batch": 16, "tokens_trained": 1, "tokens_seen": 1, "runtime_s": 1.0}
+    assert "| optimizer steps | 4 (0.25 epochs) |" in model_card(cfg, metrics)
