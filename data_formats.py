@@ -87,26 +87,53 @@ def peek(path: str) -> str | None:
 def conversation(fmt: str, row: dict) -> tuple[list[dict[str, str]], str]:
     """The messages to train on from one row of a conversational format, and why the row is dropped ("" when
     kept). Contents are stripped and empty turns dropped (as HH's parser does); a trailing user turn, with nothing
-    to learn from, is dropped too."""
+    to learn from, is dropped too. An explicit prompt that the reply side repeats from its start is taken once
+    (as TRL's implicit-prompt extraction reads such rows), never trained twice (prompt_repeated counts them)."""
     if fmt == "messages":
         parts = [row.get("messages")]
     elif fmt == "preference":
         parts = ([row["prompt"]] if row.get("prompt") is not None else []) + [row.get("chosen")]
     else:
         parts = [row.get("prompt"), row.get("completion")]
-    messages = []
+    checked = []
     for part in parts:
-        if not isinstance(part, list):
-            return [], "messages_not_a_list"
-        for message in part:
-            checked, reason = _message(message)
-            if reason:
-                return [], reason
-            if checked["content"]:
-                messages.append(checked)
+        messages, reason = _messages(part)
+        if reason:
+            return [], reason
+        checked.append(messages)
+    if len(checked) == 2 and _repeats(*checked):
+        checked = checked[1:]
+    messages = [m for part in checked for m in part]
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
     return messages, "" if messages else "no_assistant_turn"
+
+
+def prompt_repeated(fmt: str, row: dict) -> bool:
+    """Whether the row's reply side starts with its whole explicit prompt (conversation() takes it once)."""
+    if fmt == "messages" or row.get("prompt") is None:
+        return False
+    prompt, _ = _messages(row.get("prompt"))
+    reply, _ = _messages(row.get("chosen" if fmt == "preference" else "completion"))
+    return _repeats(prompt, reply)
+
+
+def _repeats(prompt: list[dict], reply: list[dict]) -> bool:
+    return bool(prompt) and reply[: len(prompt)] == prompt
+
+
+def _messages(part) -> tuple[list[dict[str, str]], str]:
+    """The checked, non-empty messages of one message list, and why it is refused ("" when it is not)."""
+    if not isinstance(part, list):
+        return [], "messages_not_a_list"
+    messages = []
+    for message in part:
+        checked, reason = _message(message)
+        if reason:
+            return [], reason
+        if checked["content"]:
+            messages.append(checked)
+    return messages, ""
 
 
 def preference_pair(row: dict) -> tuple[list[dict[str, str]], list[dict[str, str]], str]:

@@ -135,6 +135,9 @@ def load_rows(name: str, split: str):
     (data_formats), is one ConfigError line."""
     with loading("dataset", name):
         rows = load_raw_dataset(name, split)
+    if not len(rows):  # (every later stage would fail on a table with no columns)
+        raise ConfigError(f"dataset {name}: the split {split!r} selects no rows; set dataset.subset to a non-empty "
+                          "split, e.g. train[:100%]")
     try:
         data_formats.detect(rows.column_names, rows[0] if len(rows) else None)
     except data_formats.FormatError as e:
@@ -186,6 +189,7 @@ class DataReport:
     truncated: int = 0  # rows cut to max_length (kept: some assistant tokens remain)
     length_percentiles: dict[str, int] = field(default_factory=dict)
     assistant_turns_mean: float = 0.0
+    prompt_repeated: int = 0  # kept rows whose reply side repeated the explicit prompt: taken once
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
@@ -194,6 +198,9 @@ class DataReport:
         if self.tokens:
             line += (f"; tokens {self.tokens}, trained (assistant) tokens {self.assistant_tokens} "
                      f"({self.assistant_tokens / self.tokens:.0%}), rows cut to max_length {self.truncated}")
+        if self.prompt_repeated:
+            line += (f"; {self.prompt_repeated} rows repeat their prompt at the start of the reply side: the prompt "
+                     "is taken once")
         return line
 
 
@@ -237,6 +244,9 @@ def _keep_and_report(mapped, *, tokenized: bool, return_report: bool, what: str,
     report = DataReport(format=fmt, rows_read=len(reasons), rows_kept=int(keep.sum()),
                         dropped=dict(Counter(r for r in reasons if r)))
     kept = mapped.select(np.flatnonzero(keep)).remove_columns("drop_reason")
+    if "prompt_repeated" in table.column_names:
+        report.prompt_repeated = int(table.column("prompt_repeated").to_numpy(zero_copy_only=False)[keep].sum())
+        kept = kept.remove_columns("prompt_repeated")
     if tokenized:
         lengths = table.column("length").to_numpy()[keep]
         report.tokens = int(lengths.sum())
@@ -257,7 +267,8 @@ def _convert_batch(batch, rows, tokenizer, max_length, collator, code):
     """`code` (this file's hash) is only part of the `datasets` cache key: datasets keys a module-level
     function by its name, so without it a changed parser would silently reuse old cached results."""
     converted = _batch_conversations(batch)
-    out = {"messages": [m for m, _ in converted], "drop_reason": [r for _, r in converted], "row": rows}
+    out = {"messages": [m for m, _ in converted], "drop_reason": [r for _, r in converted], "row": rows,
+           "prompt_repeated": _prompts_repeated(batch)}
     if tokenizer is None:
         return out
     full = tokenize_conversations(tokenizer, out["messages"])
@@ -277,11 +288,23 @@ def _convert_batch(batch, rows, tokenizer, max_length, collator, code):
 
 def _batch_conversations(batch) -> list[tuple[list[dict[str, str]], str]]:
     """(messages, drop reason) of each row of a batch, in the batch's format (HH text: parse_hh_to_messages)."""
-    sample = next((value for value in batch.get("chosen", ()) if value is not None), None)
-    fmt = data_formats.detect(batch.keys(), {"chosen": sample})
+    fmt = _batch_format(batch)
     if fmt == "hh":
         return [hh_to_sft_messages(chosen) for chosen in batch["chosen"]]
     return [data_formats.conversation(fmt, dict(zip(batch, values))) for values in zip(*batch.values())]
+
+
+def _prompts_repeated(batch) -> list[bool]:
+    """Per row: an explicit prompt that the reply side repeats (taken once; counted in the report)."""
+    fmt = _batch_format(batch)
+    if fmt in ("hh", "messages"):
+        return [False] * len(next(iter(batch.values())))
+    return [data_formats.prompt_repeated(fmt, dict(zip(batch, values))) for values in zip(*batch.values())]
+
+
+def _batch_format(batch) -> str:
+    sample = next((value for value in batch.get("chosen", ()) if value is not None), None)
+    return data_formats.detect(batch.keys(), {"chosen": sample})
 
 
 def build_dpo_dataset(ds, tokenizer=None, *, max_length: int | None = None, num_proc: int | None = None,

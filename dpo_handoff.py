@@ -319,12 +319,40 @@ def _dpo_max_len(repo: Path) -> int:
                            "(e.g. `max_len: 512` under `dataset:`)") from None
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 def _require_model_folder(model_dir: Path) -> None:
-    if not (model_dir / "config.json").is_file():
-        raise HandoffError(f"--model {model_dir}: no config.json (expected the folder train_sft.py saved)")
+    """The folder train_sft.py saves, checked before anything loads (a load fails 20 s later, as a traceback): a
+    Llama causal LM's config.json, its weights, its tokenizer and the chat template it was trained with."""
+    saved = "expected the folder train_sft.py saved"
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise HandoffError(f"--model {model_dir}: no readable config.json ({saved})") from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(architectures, list) or "LlamaForCausalLM" not in architectures:
+        raise HandoffError(f"--model {model_dir}: config.json describes {architectures or 'no architecture'}, not "
+                           f"LlamaForCausalLM ({saved} from a Llama-3 base)")
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise HandoffError(f"--model {model_dir}: no weights ({' or '.join(WEIGHT_FILES[:2])}; {saved}, not a "
+                           "checkpoint-N or an unfinished run)")
     if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise HandoffError(f"--model {model_dir}: no tokenizer files (tokenizer.json; expected the folder "
-                           "train_sft.py saved, which holds its tokenizer)")
+        raise HandoffError(f"--model {model_dir}: no tokenizer files (tokenizer.json; {saved}, which holds its "
+                           "tokenizer)")
+    if not (model_dir / "chat_template.jinja").is_file() and "chat_template" not in _json_or_empty(
+            model_dir / "tokenizer_config.json"):
+        raise HandoffError(f"--model {model_dir}: no chat template (chat_template.jinja; {saved}: the DPO rows are "
+                           "rendered with the template SFT trained on)")
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _read_rows(data: str, rows: int):

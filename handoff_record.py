@@ -230,6 +230,8 @@ def apply(repo: Path, targets: dict[str, bytes | None], scope: Scope, *, discard
     untouched = {name: entry for name, entry in record.entries.items() if name not in targets}
     kept = untouched | {name: entries[name] for name, data in final.items() if data != entries[name].original}
     if not writes and not record.pending:
+        if not kept and not record.empty:  # every file already as it was before us (put back by hand): the record
+            os.unlink(repo / RECORD)       # alone is left, and it is no longer true
         return Outcome(dict.fromkeys(targets, "unchanged"), resumed=False)
 
     _write_record(repo, Record(untouched | entries, pending=True))

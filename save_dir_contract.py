@@ -384,16 +384,19 @@ def finished_run(save_dir: str, cfg: Config) -> dict:
 
 
 def run_fingerprint(cfg: Config, report, data_digest: str, world_size: int) -> dict:
-    """The settings that define a run: a checkpoint resumes only under the same ones. Learning rate, schedule,
-    epochs, logging and saving may change on resume (they are applied from the resumed step on). `data_digest`
-    covers the token ids in row order: reordered or edited rows give another train/eval split."""
+    """The settings that define a run: a checkpoint resumes only under the same ones, among them what its
+    optimizer.pt and scheduler.pt hold (optimizer, weight decay, scheduler type: another optimizer's state does not
+    load). Learning rate, warmup, epochs/max_steps, logging and saving may change on resume (they are applied from
+    the resumed step on). `data_digest` covers the token ids in row order: reordered or edited rows give another
+    train/eval split."""
     t = cfg.sft_training
     return {"policy_name": cfg.policy_name, "precision": cfg.precision, **{f"dataset.{k}": v for k, v in
             cfg.dataset.model_dump().items() if k != "max_len"},
             "data (rows kept, tokens)": [report.rows_kept, report.tokens], "data (token ids, sha256)": data_digest,
             **{f"sft_training.{k}": getattr(t, k) for k in ("max_length", "batch_size", "gradient_accumulation",
                                                              "packing", "seed", "save_only_model",
-                                                             "neftune_noise_alpha", "early_stopping_patience")},
+                                                             "neftune_noise_alpha", "early_stopping_patience",
+                                                             "optim", "weight_decay", "lr_scheduler_type")},
             "sft_training.lora": t.lora.model_dump() if t.lora else None,
             "processes": world_size}
 
@@ -404,7 +407,8 @@ def check_same_run(checkpoint: str | None, fingerprint: dict) -> None:
     if checkpoint is None or not os.path.isfile(path):
         return
     saved = _read_json(path)
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
+    # (a key an older version did not record is not compared: its checkpoints stay resumable)
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in fingerprint.items() if k in saved and saved[k] != v]
     if changed:
         raise ConfigError(f"{checkpoint} was written by a run with other settings ({'; '.join(changed)}); "
                           "resume with the same ones, or start fresh with --overwrite or another save_dir")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError
+from pydantic_core import PydanticCustomError
 
 # transformers' optimizer names (TrainingArguments.optim; tests/test_config.py keeps this list equal to theirs)
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
@@ -52,7 +53,17 @@ Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S")]
 # A path key (save_dir; policy_name and dataset_name when local): `~` is the home folder, as in a shell, not a
 # folder named `~` in the working directory. A Hub id never starts with `~`.
-PathStr = Annotated[Str, AfterValidator(os.path.expanduser)]
+def _home_folder(path: str) -> str:
+    """`~` and `~user` as a shell expands them; an unknown `~user` is refused (expanduser would leave it as is, and
+    the run would write into a folder named `~user` in the working directory)."""
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        user = expanded.split("/", 1)[0]
+        raise PydanticCustomError("home_folder", f"{user} names no user of this machine (~/ is your home folder)")
+    return expanded
+
+
+PathStr = Annotated[Str, AfterValidator(_home_folder)]
 
 
 class Section(BaseModel):
@@ -216,11 +227,16 @@ def _apply_override(raw: dict, override: str) -> None:
     if not sep or not path:
         raise ConfigError(f"override {override!r}: expected section.key=value")
     *sections, key = path.split(".")
-    node = raw
+    node, model = raw, Config
     for depth, name in enumerate(sections):
-        fields = list(_model_at(sections[:depth]).model_fields)
-        if name not in node and name not in fields:
-            raise ConfigError(_unknown(name, fields, f"'{sections[depth - 1]}'" if depth else "top level"))
+        if model is not None:  # a section of ours: its keys are known (the DPO sections are free-form)
+            fields = model.model_fields
+            if name not in fields:
+                raise ConfigError(_unknown(name, list(fields), f"'{sections[depth - 1]}'" if depth else "top level"))
+            annotation = fields[name].annotation
+            model = _section_model(annotation)
+            if model is None and annotation is not Any:
+                raise ConfigError(f"override {override!r}: {'.'.join(sections[:depth + 1])} is not a section")
         if node.get(name) is None:  # absent, or null in the file (`lora: null`): the override fills it
             node[name] = {}
         node = node[name]

@@ -105,7 +105,14 @@ def parse_args(argv):
             sys.stderr.write(f"error: {token.split('=')[0]} is not an option here: config keys are set as "
                              f"section.key=value, e.g. {key}={value}\n")
             sys.exit(2)
-    return parser.parse_intermixed_args(argv)  # overrides may follow --dry-run or --readiness
+    parsed = parser.parse_intermixed_args(argv)  # overrides may follow --dry-run or --readiness
+    modes = [flag for flag, on in (("--demo", parsed.demo), ("--dry-run", parsed.dry_run),
+                                   ("--readiness", parsed.readiness)) if on]
+    if len(modes) > 1:  # each would be half-ignored (--demo --readiness retrained and replaced the demo's model)
+        sys.stderr.write(f"error: {' and '.join(modes)} are separate modes: pass one (the demo's model is scored "
+                         "with: --config config_demo.yaml --readiness)\n")
+        sys.exit(2)
+    return parsed
 
 
 # --- config: the file, the overrides, the mode, pre-flight (no torch imported yet) ------------------------------

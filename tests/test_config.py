@@ -316,3 +316,30 @@ def test_list_length_errors_name_the_right_limit(tmp_path):
     too_long = {"loc": ("sft_training", "x"), "type": "too_long", "input": [1, 2, 3],
                 "ctx": {"field_type": "List", "max_length": 2, "actual_length": 3}}
     assert _one_line(too_long) == "sft_training.x: must have at most 2 item(s), got [1, 2, 3]"
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("sft_training.lora.r.a.b=1", "override 'sft_training.lora.r.a.b=1': sft_training.lora.r is not a section"),
+    ("sft_training.run_name.a.b=1", "override 'sft_training.run_name.a.b=1': sft_training.run_name is not a section"),
+    ("sft_training.save_dir=~nosuchuser/out", "sft_training.save_dir: ~nosuchuser names no user of this machine (~/ is "
+                                              "your home folder), got '~nosuchuser/out'")])
+def test_an_override_into_a_value_or_an_unknown_home_folder_is_one_line(override, said):
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(REPO / "config_dpo.yaml"), [override])
+    assert str(refused.value) == said
+
+
+def test_an_override_reaches_into_the_dpo_stages_free_form_sections():
+    cfg = load_config(str(REPO / "config_dpo.yaml"), ["dpo_training.beta=0.2", "margin_log.extra.depth=1"])
+    assert cfg.dpo_training["beta"] == 0.2 and cfg.margin_log["extra"] == {"depth": 1}
+
+
+@pytest.mark.parametrize("flags", [["--demo", "--readiness"], ["--dry-run", "--readiness"], ["--demo", "--dry-run"]])
+def test_two_modes_at_once_are_one_line_before_anything_runs(flags, capsys):
+    import train_sft
+
+    with pytest.raises(SystemExit) as ended:
+        train_sft.parse_args(flags)
+    assert ended.value.code == 2
+    assert capsys.readouterr().err == (f"error: {' and '.join(flags)} are separate modes: pass one (the demo's model "
+                                       "is scored with: --config config_demo.yaml --readiness)\n")

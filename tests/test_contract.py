@@ -295,3 +295,17 @@ def test_a_subprocess_can_import_the_contract_without_torch():
     code = "import sys, save_dir_contract; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=cli_env())
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("key", "value"), [("optim", "sgd"), ("weight_decay", 0.1), ("lr_scheduler_type", "linear")])
+def test_a_resume_under_another_optimizer_or_scheduler_is_refused_naming_it(tmp_path, key, value):
+    """optimizer.pt and scheduler.pt hold one optimizer's and one schedule's state: another one's resume crashed
+    (KeyError: 'momentum' resuming sgd from AdamW)."""
+    from data_process_sft import DataReport
+
+    cfg = load_config(str(REPO / "config_dpo.yaml"))
+    checkpoint = real_checkpoint(tmp_path, 4)
+    (checkpoint / contract.FINGERPRINT_FILE).write_text(json.dumps(contract.run_fingerprint(cfg, DataReport(), "d", 1)))
+    now = contract.run_fingerprint(cfg.replace(**{key: value}), DataReport(), "d", 1)
+    with pytest.raises(ConfigError, match=rf"\(sft_training\.{key} {getattr(cfg.sft_training, key)!r} -> {value!r}\)"):
+        contract.check_same_run(str(checkpoint), now)

@@ -411,11 +411,40 @@ def test_check_counts_the_references_unscored_tokens_too(capsys):
     assert "scores 26 of 38 reply tokens" in err and "1 of 2 pairs miss reply tokens (rows 10 of --data" in err
 
 
+@pytest.fixture
+def model_folder(tmp_path, base_model_dir):
+    """A folder shaped like the one train_sft.py saves: the base's config and weights, its tokenizer with our chat
+    template and pad token."""
+    from transformers import AutoTokenizer
+
+    from model_io import prepare_tokenizer
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in base_model_dir.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    prepare_tokenizer(AutoTokenizer.from_pretrained(base_model_dir)).save_pretrained(model)
+    return model
+
+
 @pytest.mark.parametrize("damage", ["no_max_len", "no_tokenizer", "report_folder", "report_is_a_folder",
-                                    "no_rejected"])
-def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tmp_path, base_model_dir, damage):
-    model, report, data = base_model_dir, tmp_path / "report.json", REAL_HH
-    if damage == "report_is_a_folder":
+                                    "no_rejected", "no_chat_template", "no_weights", "gpt2_config"])
+def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tmp_path, model_folder, damage):
+    model, report, data = model_folder, tmp_path / "report.json", REAL_HH
+    if damage == "no_chat_template":
+        (model / "chat_template.jinja").unlink()
+        expected = (f"--model {model}: no chat template (chat_template.jinja; expected the folder train_sft.py "
+                    "saved: the DPO rows are rendered with the template SFT trained on)")
+    elif damage == "no_weights":
+        (model / "model.safetensors").unlink()
+        expected = (f"--model {model}: no weights (model.safetensors or model.safetensors.index.json; expected the "
+                    "folder train_sft.py saved, not a checkpoint-N or an unfinished run)")
+    elif damage == "gpt2_config":
+        (model / "model.safetensors").unlink()
+        (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+        expected = (f"--model {model}: config.json describes ['GPT2LMHeadModel'], not LlamaForCausalLM (expected "
+                    "the folder train_sft.py saved from a Llama-3 base)")
+    elif damage == "report_is_a_folder":
         report = tmp_path
         expected = f"--report {tmp_path} is a folder: name the JSON file to write, e.g. {tmp_path / 'check.json'}"
     elif damage == "no_rejected":
@@ -428,9 +457,7 @@ def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tm
         config.write_text(config.read_text().replace("max_len: 512", "max_length: 512"))
         expected = "has no integer dataset.max_len"
     elif damage == "no_tokenizer":
-        model = tmp_path / "model"
-        model.mkdir()
-        (model / "config.json").write_bytes((base_model_dir / "config.json").read_bytes())
+        (model / "tokenizer.json").unlink()
         expected = "no tokenizer files"
     else:
         report = tmp_path / "missing" / "report.json"
@@ -438,17 +465,14 @@ def test_check_refuses_bad_input_in_one_line_before_any_model_loads(dpo_repo, tm
     result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), "--report", str(report),
                      "--data", str(data))
     assert_refused(result, expected)
-    if damage in ("report_is_a_folder", "no_rejected", "report_folder"):  # the whole line, word for word
+    if damage in ("report_is_a_folder", "no_rejected", "report_folder", "no_chat_template", "no_weights",
+                  "gpt2_config"):  # the whole line, word for word
         assert result.stderr == f"error: {expected}\n"
 
 
 @pytest.mark.slow
-def test_check_refuses_a_model_whose_vocabulary_is_smaller_than_its_tokenizer(dpo_repo, tmp_path, base_model_dir,
-                                                                               dpo_stack):
-    model = tmp_path / "model"
-    model.mkdir()
-    for path in base_model_dir.iterdir():
-        (model / path.name).write_bytes(path.read_bytes())
+def test_check_refuses_a_model_whose_vocabulary_is_smaller_than_its_tokenizer(dpo_repo, model_folder, dpo_stack):
+    model = model_folder
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
     result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), env=stack_env(dpo_stack))
@@ -456,8 +480,8 @@ def test_check_refuses_a_model_whose_vocabulary_is_smaller_than_its_tokenizer(dp
                    "the compared pairs hold such ids")
 
 
-def test_check_refuses_our_own_stack_before_loading_anything(dpo_repo, base_model_dir):
-    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(base_model_dir))
+def test_check_refuses_our_own_stack_before_loading_anything(dpo_repo, model_folder):
+    result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model_folder))
     assert_refused(result, "check runs in the DPO repo's environment (its uv.lock pins trl 0.26.2)")
 
 
@@ -741,3 +765,21 @@ def test_apply_refuses_a_target_outside_its_scope_naming_it(dpo_repo):
     with pytest.raises(AssertionError) as refused:
         handoff_record.apply(dpo_repo, {"notes.txt": b"x", "training.py": None}, dpo_handoff.SCOPE)
     assert str(refused.value) == "['notes.txt']" and not (dpo_repo / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("how", ["files_put_back_by_hand", "record_copied_into_an_untouched_checkout"])
+def test_uninstall_removes_a_record_whose_files_are_already_as_they_were(dpo_repo, tmp_path, how):
+    before = snapshot(dpo_repo)
+    assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
+    if how == "files_put_back_by_hand":
+        for name in set(snapshot(dpo_repo)) - set(before) - {RECORD}:
+            (dpo_repo / name).unlink()
+        for name, data in before.items():
+            (dpo_repo / name).write_bytes(data)
+        repo = dpo_repo
+    else:
+        repo = make_repo(tmp_path / "untouched")
+        (repo / RECORD).write_bytes((dpo_repo / RECORD).read_bytes())
+    result = handoff("uninstall", "--dpo-repo", str(repo))
+    assert result.returncode == 0 and f"{RECORD}: removed" in result.stdout
+    assert not (repo / RECORD).exists() and snapshot(repo) == before

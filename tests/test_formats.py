@@ -159,3 +159,28 @@ def test_a_run_on_a_messages_file_trains_evaluates_and_saves(tmp_path, small_bas
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_loss"] > 0 and (tmp_path / "out" / "model.safetensors").is_file()
     assert metrics["readiness"] is None  # no rejected replies: nothing to score
+
+
+def test_an_explicit_prompt_repeated_in_chosen_is_trained_once_and_said(tmp_path, llama32_tokenizer, hh_rows):
+    """TRL rows whose `chosen`/`rejected` hold the whole conversation beside an explicit `prompt` (the prompt
+    twice): the user turns are taken once, as the same rows without the repetition give, and the start says so."""
+    explicit = converted(tmp_path, "preference_prompt", hh_rows[:ROWS])
+    rows = [json.loads(line) for line in explicit.read_text().splitlines()]
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["prompt"] + r["chosen"],
+                                            "rejected": r["prompt"] + r["rejected"]}) + "\n" for r in rows))
+    once, report_once = build_sft_dataset(load_raw_dataset(str(explicit), "train"), llama32_tokenizer,
+                                          max_length=512, return_report=True)
+    twice, report = build_sft_dataset(load_raw_dataset(str(repeated), "train"), llama32_tokenizer, max_length=512,
+                                      return_report=True)
+    assert twice["input_ids"] == once["input_ids"] and twice["labels"] == once["labels"]
+    assert report_once.prompt_repeated == 0 and report.prompt_repeated == report.rows_kept > 0
+    assert (f"{report.rows_kept} rows repeat their prompt at the start of the reply side: the prompt is taken once"
+            in report.summary())
+    pairs = build_dpo_dataset(load_raw_dataset(str(repeated), "train"))
+    assert pairs["prompt"] == build_dpo_dataset(load_raw_dataset(str(explicit), "train"))["prompt"]
+
+
+def test_an_empty_split_is_one_line():
+    with pytest.raises(ConfigError, match=r"the split 'train\[50%:10%\]' selects no rows; set dataset\.subset"):
+        load_rows(str(SAMPLE), "train[50%:10%]")

@@ -423,7 +423,7 @@ def test_checks_input_rules_word_for_word(tmp_path, monkeypatch):
     model.mkdir()
     with pytest.raises(dpo_handoff.HandoffError) as bad:
         dpo_handoff._require_model_folder(model)
-    assert str(bad.value) == f"--model {model}: no config.json (expected the folder train_sft.py saved)"
+    assert str(bad.value) == f"--model {model}: no readable config.json (expected the folder train_sft.py saved)"
     (model / "config.json").write_text("{}")
     with pytest.raises(dpo_handoff.HandoffError) as bad:
         dpo_handoff._require_model_folder(model)

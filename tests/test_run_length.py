@@ -6,11 +6,11 @@ import json
 
 import pytest
 from safetensors.torch import load_file
+from test_save_dir import injected
 
 import save_dir_contract as contract
 from conftest import real_checkpoint, run_cli, write_config
 from sft_config import ConfigError
-from test_save_dir import injected
 
 # A max_steps run that stops mid-epoch (96 rows in batches of 4: ~20 steps an epoch), at a constant learning rate,
 # so one step too many shows in the weights.
@@ -113,10 +113,9 @@ def test_a_finished_run_that_did_not_grow_is_refused_naming_the_key_the_run_uses
 
 
 def test_metrics_and_the_card_say_the_steps_and_epochs_the_weights_have():
-    from sft_report import model_card
-
     from conftest import REPO
     from sft_config import load_config
+    from sft_report import model_card
 
     cfg = load_config(str(REPO / "config_dpo.yaml"))
     metrics = {"data": {"dropped": {}, "rows_read": 1, "rows_kept": 1, "truncated": 0, "tokens": 1,
