@@ -427,10 +427,17 @@ def test_checks_input_rules_word_for_word(tmp_path, monkeypatch):
     (model / "config.json").write_text("{}")
     with pytest.raises(dpo_handoff.HandoffError) as bad:
         dpo_handoff._require_model_folder(model)
+    assert str(bad.value) == (f"--model {model}: config.json describes no architecture, not LlamaForCausalLM "
+                              "(expected the folder train_sft.py saved from a Llama-3 base)")
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (model / "model.safetensors.index.json").write_text("{}")  # sharded weights count
+    with pytest.raises(dpo_handoff.HandoffError) as bad:
+        dpo_handoff._require_model_folder(model)
     assert str(bad.value) == (f"--model {model}: no tokenizer files (tokenizer.json; expected the folder "
                               "train_sft.py saved, which holds its tokenizer)")
     (model / "tokenizer.model").write_text("a sentencepiece model")
-    dpo_handoff._require_model_folder(model)  # a slow tokenizer's file is a tokenizer too
+    (model / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    dpo_handoff._require_model_folder(model)  # a slow tokenizer's file is a tokenizer too; a template in its config
     with pytest.raises(dpo_handoff.HandoffError) as bad:
         dpo_handoff._read_rows(str(tmp_path / "missing.jsonl"), 4)
     assert str(bad.value).startswith(f"cannot load the dataset {tmp_path / 'missing.jsonl'}: ")
