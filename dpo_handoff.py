@@ -36,15 +36,18 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
 TOLERANCE = 1e-3  # summed fp32 log-probs differ by ~1e-4 between batchings; the reply-only bug is off by hundreds
 MARK = "# hh-sft handoff"
-# Our modules that the edited training.py and risk_dpo_trainer.py need there: hh_sft_dpo and what it imports.
-# data_process_sft.py replaces the repo's file of that name; its train_sft.py, the only importer of the old one,
-# becomes a pointer to ours.
-COPIED = ("hh_sft_dpo.py", "data_process_sft.py", "data_formats.py", "sft_config.py", "run_env.py", "model_io.py",
-          "save_dir_contract.py")
+# The two files install adds to the DPO repo (names of their own; neither imports anything else of ours): the chat
+# core and the functions the edited training.py and risk_dpo_trainer.py call.
+COPIED = ("hh_sft_chat.py", "hh_sft_dpo.py")
 UPSTREAM = ("training.py", "risk_dpo_trainer.py", "train_sft.py", "data_process_sft.py", "config_dpo.yaml")
-# Every file a handoff with a record (since bf9780c) touched: a record naming any other path, or marking one of
-# upstream's files "added", was not written by this tool and is refused before anything is read from it.
-SCOPE = Scope(known=frozenset([*UPSTREAM[:4], *COPIED]), addable=frozenset(set(COPIED) - set(UPSTREAM)))
+# What installs since the record (bf9780c) up to 15309dc also wrote: copies of 7 of our modules (data_process_sft.py
+# over upstream's) and a pointer over its train_sft.py. Install and uninstall put those files back from the record.
+EARLIER = ("data_process_sft.py", "data_formats.py", "sft_config.py", "run_env.py", "model_io.py",
+           "save_dir_contract.py", "train_sft.py")
+# Every file a handoff with a record touched: a record naming any other path, or marking one of upstream's files
+# "added", was not written by this tool and is refused before anything is read from it.
+SCOPE = Scope(known=frozenset([*UPSTREAM[:4], *COPIED, *EARLIER]),
+              addable=frozenset(set(COPIED + EARLIER) - set(UPSTREAM)))
 # What the handoff before the record (90b27bd..f9b130a) added: its copies and NAME.hh-sft-backup files
 OLDER_ADDED = ("dpo_handoff.py", "sft_readiness.py", "sft_config.py", "run_env.py", "model_io.py")
 
@@ -92,20 +95,6 @@ EDITS = (
          max_lines=80),
 )
 EDITED = tuple(dict.fromkeys(edit.path for edit in EDITS))
-
-POINTER = f'''"""This repo's SFT stage is hh-sft's train_sft.py (`python train_sft.py --config config_dpo.yaml` in the
-hh-sft repo, which reads the same sft_training section). `dpo_handoff.py install` put this pointer here because its
-data_process_sft.py (the DPO rows as SFT tokenized them) replaced the one this script imported. The previous script
-is kept in {RECORD}; `python /path/to/hh-sft/dpo_handoff.py uninstall --dpo-repo .` puts everything back."""
-
-import sys
-
-print("error: SFT runs from the hh-sft repo: python /path/to/hh-sft/train_sft.py --config config_dpo.yaml "
-      "(this repo's own script comes back with: python /path/to/hh-sft/dpo_handoff.py uninstall --dpo-repo .)",
-      file=sys.stderr)
-sys.exit(2)
-'''.encode()
-
 
 class RepoFile:
     """A text file of the DPO repo as lines that keep their own endings (upstream uses CRLF), so that an edit
@@ -191,8 +180,8 @@ def _older_install(repo: Path, names: list[str]) -> HandoffError:
 
 def install_targets(repo: Path, source: Path) -> dict[str, bytes | None]:
     """Every file install writes, with its bytes: EDITS applied to the repo's original files (as the record keeps
-    them after an earlier install), our modules from `source`, the pointer; files an earlier install added that this
-    one no longer needs go back to what they were (None)."""
+    them after an earlier install) and the COPIED files from `source`; files an earlier install wrote that this one
+    no longer needs go back to what they were (None)."""
     record = read_record(repo, SCOPE)
     _require_repo(repo, record.entries)
     if source.resolve() == repo.resolve():
@@ -212,7 +201,7 @@ def install_targets(repo: Path, source: Path) -> dict[str, bytes | None]:
         for edit in states:
             file.apply(edit)
         targets[name] = file.to_bytes()
-    targets |= {name: (source / name).read_bytes() for name in COPIED} | {"train_sft.py": POINTER}
+    targets |= {name: (source / name).read_bytes() for name in COPIED}
     return targets | {name: None for name in record.entries if name not in targets}
 
 
@@ -226,13 +215,12 @@ def install(repo: Path, source: Path = HERE, discard_changes: bool = False) -> i
     if not outcome.changed and not outcome.resumed:
         print(f"already installed in {repo}: nothing changed")
         return 0
-    changed = {"train_sft.py": "pointer to hh-sft's train_sft.py", "data_process_sft.py": "replaced by hh-sft's"}
     print(f"Installed the hh-sft DPO handoff in {repo} (record of every file: {repo / RECORD}):")
     if outcome.resumed:
         print("  (an interrupted install or uninstall was found in the record: this install finished it)")
     for name, action in outcome.actions.items():
         if action == "changed":
-            print(f"  {name}: " + changed.get(name, f"edited (lines marked '{MARK}')"))
+            print(f"  {name}: edited (lines marked '{MARK}')")
         elif action != "unchanged":
             print(f"  {name}: {INSTALL_WORDS[action]}")
     print(f"  undo: python dpo_handoff.py uninstall --dpo-repo {repo}")

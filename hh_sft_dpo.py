@@ -15,7 +15,7 @@ from __future__ import annotations
 def build_dpo_pairs(raw, tokenizer, max_length: int):
     """The DPO rows of `raw` as SFT tokenized them (build_dpo_dataset), pairs over `max_length` tokens dropped;
     prints what was kept and dropped."""
-    from data_process_sft import build_dpo_dataset
+    from hh_sft_chat import build_dpo_dataset
 
     pairs, report = build_dpo_dataset(raw, tokenizer, max_length=max_length, return_report=True)
     print(f"DPO data (hh-sft chat format, max_length {max_length}): {report.summary()}")

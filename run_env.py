@@ -24,7 +24,7 @@ import socket
 import sys
 from urllib.parse import urlparse
 
-import data_formats
+import hh_sft_chat as chat
 from sft_config import Config, ConfigError
 
 DEMO_BASE = "./demo_run/base_model"  # config_demo.yaml's policy_name, built by `python train_sft.py --demo`
@@ -115,7 +115,7 @@ def check_apart(save_dir: str, policy_name: str) -> None:
 def looks_local(name: str) -> bool:
     """A path rather than a Hub id (`owner/name`): starts like a path, has a data-file suffix, has more than
     one `/`, or its first part is an existing folder."""
-    if name.startswith((".", "/", "~")) or name.endswith((".jsonl", ".gz", ".json", ".parquet")):
+    if name.startswith((".", "/", "~")) or chat.data_file_kind(name):
         return True
     return name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0]))
 
@@ -145,8 +145,8 @@ def check_data_format(name: str) -> None:
     (the full load comes after torch and the tokenizer)."""
     if os.path.exists(name):
         try:
-            data_formats.peek(name)
-        except data_formats.FormatError as e:
+            chat.peek(name)
+        except chat.FormatError as e:
             raise ConfigError(f"dataset {name}: {e}") from None
 
 

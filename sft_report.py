@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-import data_formats
+import hh_sft_chat as chat
 from data_process_sft import read_columns
 from model_io import greedy_reply, held_out_prompts
 from run_env import sharding_requested, size
@@ -50,7 +50,7 @@ def dpo_reader_line(cfg: Config, report) -> str:
     """A line when the DPO stage cannot read this run's dataset as it is (not an error: DPO may point elsewhere).
     dynamic-dpo-v1 reads the shared dataset.dataset_name with its own loader: HH text, from a Hub id or a folder
     (a single .jsonl file fails there with FileNotFoundError, seen on upstream a8345ab)."""
-    why = ([f"its rows are {data_formats.NAMES[report.format]}, not HH text"] if report.format != "hh" else []) + (
+    why = ([f"its rows are {chat.NAMES[report.format]}, not HH text"] if report.format != "hh" else []) + (
         ["it is a single file, and that loader takes a Hub id or a folder"]
         if os.path.isfile(cfg.dataset.dataset_name) else [])
     if not why:

@@ -9,10 +9,10 @@ batch order, both from the SFT folder. Writes each run's per-step logs to a JSON
 import json
 import sys
 
+from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from data_process_sft import load_raw_dataset
 from hh_sft_dpo import build_dpo_pairs, dpo_length_args
 from risk_dpo_trainer import RiskBetaDPOConfig, RiskBetaDPOTrainer
 
@@ -32,7 +32,8 @@ def run(trainer_class, sft_dir, pairs, tmp, **extra):
 
 def main(sft_dir, hh_file, out_json):
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    pairs = build_dpo_pairs(load_raw_dataset(hh_file, "train[:24]"), tokenizer, max_length=MAX_LENGTH)
+    raw = load_dataset("json", data_files=hh_file, split="train[:24]")
+    pairs = build_dpo_pairs(raw, tokenizer, max_length=MAX_LENGTH)
     installed = run(RiskBetaDPOTrainer, sft_dir, pairs, out_json + "-installed",
                     dynamic_cfg=RiskBetaDPOConfig(beta_0=BETA, log_margins=False))
     stock = run(DPOTrainer, sft_dir, pairs, out_json + "-stock")

@@ -14,10 +14,11 @@ import sys
 import torch
 import transformers
 import trl
+from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 from trl import DPOConfig, DPOTrainer
 
-from data_process_sft import build_dpo_dataset, load_raw_dataset
+from hh_sft_chat import build_dpo_dataset
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"},
@@ -66,7 +67,7 @@ def main(sft_dir, hh_file, out_prefix):
     generated = model.generate(prompt, max_new_tokens=10, do_sample=False,
                                logits_processor=LogitsProcessorList([ForceTokenAt(prompt.shape[1], eot, 3)]))
 
-    pairs = build_dpo_dataset(load_raw_dataset(hh_file, "train[:16]"), tokenizer)
+    pairs = build_dpo_dataset(load_dataset("json", data_files=hh_file, split="train[:16]"), tokenizer)
     policy, reference = AutoModelForCausalLM.from_pretrained(sft_dir), AutoModelForCausalLM.from_pretrained(sft_dir)
     args = DPOConfig(output_dir=f"{out_prefix}-dpo", max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4,
                      report_to=[], use_cpu=True, bf16=False, logging_steps=1, save_strategy="no",

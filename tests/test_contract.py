@@ -301,7 +301,7 @@ def test_a_subprocess_can_import_the_contract_without_torch():
 def test_a_resume_under_another_optimizer_or_scheduler_is_refused_naming_it(tmp_path, key, value):
     """optimizer.pt and scheduler.pt hold one optimizer's and one schedule's state: another one's resume crashed
     (KeyError: 'momentum' resuming sgd from AdamW)."""
-    from data_process_sft import DataReport
+    from hh_sft_chat import DataReport
 
     cfg = load_config(str(REPO / "config_dpo.yaml"))
     checkpoint = real_checkpoint(tmp_path, 4)

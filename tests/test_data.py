@@ -8,7 +8,8 @@ import pytest
 from datasets import Dataset
 
 from conftest import SAMPLE
-from data_process_sft import build_sft_dataset, hh_to_sft_messages, load_raw_dataset
+from data_process_sft import build_sft_dataset, load_raw_dataset
+from hh_sft_chat import hh_to_sft_messages
 
 ROWS = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}]

@@ -81,7 +81,7 @@ def newer_checkout(tmp_path):
     source.mkdir()
     for name in dpo_handoff.COPIED:
         (source / name).write_bytes((REPO / name).read_bytes())
-    (source / "model_io.py").write_bytes((REPO / "model_io.py").read_bytes() + b"\n# a newer version\n")
+    (source / "hh_sft_dpo.py").write_bytes((REPO / "hh_sft_dpo.py").read_bytes() + b"\n# a newer version\n")
     return source
 
 
@@ -100,7 +100,8 @@ def test_install_edits_records_keeps_crlf_and_uninstall_restores_every_byte(dpo_
             assert entry["before_sha256"] == handoff_record.digest(before[name])
         else:
             assert entry["original_base64"] is None and entry["before_sha256"] is None
-    assert set(record["files"]) == {*dpo_handoff.EDITED, *dpo_handoff.COPIED, "train_sft.py"}
+    assert set(record["files"]) == {"training.py", "risk_dpo_trainer.py", "hh_sft_chat.py", "hh_sft_dpo.py"}
+    assert [name for name in before if after[name] != before[name]] == ["risk_dpo_trainer.py", "training.py"]
     assert set(after) == set(before) | set(record["files"]) | {RECORD}  # no backups, nothing else
     for name in dpo_handoff.EDITED:
         text = after[name].decode()
@@ -226,22 +227,22 @@ def test_an_update_from_a_newer_checkout_is_undone_to_the_original_not_to_the_ol
     before = snapshot(dpo_repo)
     assert dpo_handoff.install(dpo_repo) == 0
     assert dpo_handoff.install(dpo_repo, source=newer_checkout(tmp_path)) == 0
-    assert (dpo_repo / "model_io.py").read_bytes().endswith(b"# a newer version\n")
+    assert (dpo_repo / "hh_sft_dpo.py").read_bytes().endswith(b"# a newer version\n")
     record = json.loads((dpo_repo / RECORD).read_text())
-    assert record["files"]["model_io.py"]["action"] == "added" and len(record["files"]["model_io.py"]
-                                                                        ["written_sha256"]) == 2
+    assert record["files"]["hh_sft_dpo.py"]["action"] == "added" and len(record["files"]["hh_sft_dpo.py"]
+                                                                          ["written_sha256"]) == 2
     assert handoff("uninstall", "--dpo-repo", str(dpo_repo)).returncode == 0
     assert snapshot(dpo_repo) == before
 
 
 @pytest.mark.cli
 def test_install_is_refused_from_inside_the_dpo_repo_and_leaves_no_copy_of_itself_there(dpo_repo):
-    """Case 4: the pointer said to run dpo_handoff.py from the DPO repo, where uninstall left it behind; install from
-    that copy failed half-changed. Now the tool is never copied there, and a copy run from there is refused."""
+    """Case 4: a pointer once said to run dpo_handoff.py from the DPO repo, where uninstall left it behind; install
+    from that copy failed half-changed. Now the tool is never copied there, and a copy run from there is refused."""
+    upstream_sft = (dpo_repo / "train_sft.py").read_bytes()
     assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
     assert not (dpo_repo / "dpo_handoff.py").exists()
-    pointer = run_cli(script=str(dpo_repo / "train_sft.py"))
-    assert pointer.returncode == 2 and "python /path/to/hh-sft/dpo_handoff.py uninstall --dpo-repo ." in pointer.stderr
+    assert (dpo_repo / "train_sft.py").read_bytes() == upstream_sft  # upstream's own SFT script, byte for byte
     assert handoff("uninstall", "--dpo-repo", str(dpo_repo)).returncode == 0
     for name in ("dpo_handoff.py", "handoff_record.py", *dpo_handoff.COPIED):
         (dpo_repo / name).write_bytes((REPO / name).read_bytes())
@@ -365,18 +366,24 @@ def test_the_double_has_every_line_install_edits(dpo_repo):
     assert dpo_handoff.repo_state(dpo_repo) == "upstream"
 
 
-def test_install_copies_what_the_installed_modules_import():
-    """Every module of ours that the copied files import at the top is copied too (no ImportError over there), and
-    the edited lines import only copied modules."""
+def test_install_adds_two_self_contained_files_with_names_of_their_own():
+    """The payload is the chat core and hh_sft_dpo.py: no name of upstream's, no import of any other module of ours
+    (anywhere in them, not only at the top: no ImportError over there, ever), no torch when imported; the edited
+    lines import only those."""
     import ast
 
     ours = {path.stem for path in REPO.glob("*.py")}
     copied = {n.removesuffix(".py") for n in dpo_handoff.COPIED}
+    assert dpo_handoff.COPIED == ("hh_sft_chat.py", "hh_sft_dpo.py")
+    assert not set(dpo_handoff.COPIED) & {p.name for p in DOUBLE.iterdir()}
     for name in dpo_handoff.COPIED:
         tree = ast.parse((REPO / name).read_text())
-        imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)} | {
-            alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         assert imported & ours <= copied, name
+        top = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)} | {
+            alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        assert "torch" not in top, name
     for edit in dpo_handoff.EDITS:
         for line in edit.new:
             if line.startswith("from "):
@@ -682,7 +689,7 @@ def test_a_temporary_path_taken_by_a_link_is_never_written_through(tmp_path):
 
 
 def test_what_install_refuses_is_said_exactly(dpo_repo, tmp_path):
-    folder = dpo_repo / "model_io.py"
+    folder = dpo_repo / "hh_sft_chat.py"
     folder.mkdir()
     with pytest.raises(handoff_record.RecordError) as refused:
         dpo_handoff.install(dpo_repo)
@@ -704,7 +711,7 @@ def test_what_install_refuses_is_said_exactly(dpo_repo, tmp_path):
     temporary.rmdir()
     lacking = tmp_path / "partial-checkout"
     lacking.mkdir()
-    (lacking / "hh_sft_dpo.py").write_text("")
+    (lacking / "hh_sft_chat.py").write_text("")
     with pytest.raises(dpo_handoff.HandoffError) as refused:
         dpo_handoff.install(dpo_repo, source=lacking)
     assert str(refused.value) == (f"{lacking} lacks {', '.join(dpo_handoff.COPIED[1:])}: run install from a whole "
@@ -743,8 +750,8 @@ def test_check_names_an_unknown_or_undecodable_file_exactly(dpo_repo):
                                   "UTF-8 files; nothing was changed")
 
 
-@pytest.mark.parametrize(("edited", "deleted"), [(("training.py", "risk_dpo_trainer.py"), ("train_sft.py",)),
-                                                 ((), ("train_sft.py", "training.py")), (("training.py",), ())])
+@pytest.mark.parametrize(("edited", "deleted"), [(("training.py",), ("risk_dpo_trainer.py",)),
+                                                 ((), ("risk_dpo_trainer.py", "training.py")), (("training.py",), ())])
 def test_changed_and_deleted_files_are_named_together(dpo_repo, edited, deleted):
     assert dpo_handoff.install(dpo_repo) == 0
     for name in edited:
@@ -783,3 +790,34 @@ def test_uninstall_removes_a_record_whose_files_are_already_as_they_were(dpo_rep
     result = handoff("uninstall", "--dpo-repo", str(repo))
     assert result.returncode == 0 and f"{RECORD}: removed" in result.stdout
     assert not (repo / RECORD).exists() and snapshot(repo) == before
+
+
+def test_an_install_made_at_15309dc_is_upgraded_to_two_files_and_uninstalled_byte_exact(tmp_path, capsys):
+    """The install of 15309dc (7 of our modules copied, data_process_sft.py replaced, train_sft.py a pointer), as that
+    commit's dpo_handoff.py left the double (tests/fixtures): install makes it today's two-file install, upstream's
+    train_sft.py and data_process_sft.py back byte for byte; uninstall then leaves the original tree."""
+    import gzip
+
+    with gzip.open(REPO / "tests" / "fixtures" / "install_15309dc.json.gz", "rt") as f:
+        older = {name: base64.b64decode(data) for name, data in json.load(f)["files"].items()}
+    fresh = make_repo(tmp_path / "fresh")
+    original = snapshot(fresh)
+    assert dpo_handoff.install(fresh) == 0
+    installed = snapshot(fresh)
+    repo = tmp_path / "older" / "dynamic-dpo-v1"
+    repo.mkdir(parents=True)
+    for name, data in older.items():
+        (repo / name).write_bytes(data)
+    assert b"hh-sft" in older["train_sft.py"] and "data_formats.py" in older  # the older shape, really
+    capsys.readouterr()
+    assert dpo_handoff.install(repo) == 0
+    said = capsys.readouterr().out
+    for name in ("data_process_sft.py", "train_sft.py"):
+        assert f"  {name}: restored (no longer needed)" in said
+    for name in ("data_formats.py", "sft_config.py", "run_env.py", "model_io.py", "save_dir_contract.py"):
+        assert f"  {name}: removed (no longer needed)" in said
+    now = snapshot(repo)
+    assert {k: v for k, v in now.items() if k != RECORD} == {k: v for k, v in installed.items() if k != RECORD}
+    assert set(json.loads(now[RECORD])["files"]) == set(json.loads(installed[RECORD])["files"])
+    assert dpo_handoff.uninstall(repo) == 0
+    assert snapshot(repo) == original

@@ -216,7 +216,7 @@ def test_with_load_best_the_report_gives_the_handed_off_models_numbers(tmp_path)
     """The end of a load_best run, as train_sft.finish runs it: metrics.json's eval loss is the best checkpoint's
     (the model handed off), not the last step's, and `best` says it was handed off."""
     import train_sft
-    from data_process_sft import DataReport
+    from hh_sft_chat import DataReport
     from sft_config import load_config
 
     trainer = evaluating_trainer(tmp_path, load_best=True, readiness_pairs=0, sample_prompts=0)
@@ -238,7 +238,7 @@ def test_with_load_best_the_report_gives_the_handed_off_models_numbers(tmp_path)
 def test_best_says_not_handed_off_without_load_best():
     import types
 
-    from data_process_sft import DataReport
+    from hh_sft_chat import DataReport
 
     trainer = types.SimpleNamespace(
         args=types.SimpleNamespace(metric_for_best_model="eval_loss", world_size=1),

@@ -1,4 +1,4 @@
-"""Your own data in TRL's formats (data_formats): `messages` conversations, conversational preference pairs (with
+"""Your own data in TRL's formats (hh_sft_chat): `messages` conversations, conversational preference pairs (with
 or without a shared prompt) and conversational prompt-completion rows train on exactly what the HH path trains on,
 row for row, on the real shipped HH rows converted; bad rows are dropped with a reason named after the rule; a
 dataset in no format (or two) is one line, from its first row, before torch is imported."""
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import data_formats
+import hh_sft_chat
 from conftest import REAL_HH, SAMPLE, assert_ok, cli_env, run_cli, run_traced, write_config
 from data_process_sft import build_dpo_dataset, build_sft_dataset, load_raw_dataset, load_rows, parse_hh_to_messages
 from sft_config import ConfigError
@@ -53,7 +53,7 @@ def test_each_format_gives_the_hh_paths_token_ids_and_labels_row_for_row(tmp_pat
         assert got[column] == want[column], column
     assert (report.rows_kept, report.tokens, report.assistant_tokens, report.truncated) == (
         want_report.rows_kept, want_report.tokens, want_report.assistant_tokens, want_report.truncated)
-    assert f"format {data_formats.NAMES[report.format]}; rows read {ROWS}" in report.summary()
+    assert f"format {hh_sft_chat.NAMES[report.format]}; rows read {ROWS}" in report.summary()
 
 
 @pytest.mark.parametrize("fmt", ["preference", "preference_prompt"])
@@ -93,7 +93,7 @@ def test_each_rule_of_the_format_drops_and_counts_its_rows(llama32_tokenizer):
 
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     rows = [good, *BAD.values()]
-    conversations = [data_formats.conversation("messages", row) for row in rows]
+    conversations = [hh_sft_chat.conversation("messages", row) for row in rows]
     assert [reason for _, reason in conversations] == ["", *BAD]
     # Through the dataset path too, with the rows Arrow can hold in one column (same types)
     same_types = [good, BAD["unknown_role"], BAD["no_assistant_turn"], good]
@@ -112,12 +112,12 @@ def test_a_dataset_in_no_format_or_two_is_one_line_naming_its_columns_and_the_fo
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     if said is None:  # TRL's standard (text) preference rows: `chosen` is text, read as HH and dropped row by row
-        assert data_formats.peek(str(path)) == "hh"
+        assert hh_sft_chat.peek(str(path)) == "hh"
         return
     with pytest.raises(ConfigError, match="dataset .*" + said.replace("(", r"\(").replace(")", r"\)")):
         load_rows(str(path), "train")
-    for example in data_formats.EXAMPLES.values():
-        assert example in data_formats.accepted()
+    for example in hh_sft_chat.EXAMPLES.values():
+        assert example in hh_sft_chat.accepted()
 
 
 @pytest.mark.cli

@@ -2,7 +2,7 @@
 
 import pytest
 
-from data_process_sft import hh_to_sft_messages, parse_hh_to_messages
+from hh_sft_chat import hh_to_sft_messages, parse_hh_to_messages
 
 
 def msgs(*pairs):

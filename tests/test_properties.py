@@ -7,13 +7,8 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_process_sft import (
-    IGNORE_INDEX,
-    CompletionOnlyCollator,
-    hh_to_sft_messages,
-    parse_hh_to_messages,
-    tokenize_conversations,
-)
+from data_process_sft import CompletionOnlyCollator
+from hh_sft_chat import IGNORE_INDEX, hh_to_sft_messages, parse_hh_to_messages, tokenize_conversations
 
 SPECIAL_STRINGS = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|begin_of_text|>",
                    "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|finetune_right_pad_id|>"]

@@ -18,7 +18,7 @@ import dpo_handoff
 import handoff_record
 import sft_report
 from conftest import REPO, matches_golden
-from data_process_sft import DataReport
+from hh_sft_chat import DataReport
 from sft_config import load_config
 from test_dpo_handoff import Killed, check_result, killer, make_repo
 
