@@ -367,19 +367,20 @@ def _load_tokenizer(model_dir: Path):
 
 
 def _check_vocabulary(model_dir: Path, tokenizer, pairs: dict) -> None:
-    """As train_sft.py does at its start: a tokenizer longer than the model's embedding table is refused when the
-    compared pairs hold an id past it (the forward would index out of range), else said in one line."""
-    from model_io import vocabulary_gap
+    """train_sft.py's rule (model_io.check_vocabulary) on the compared pairs' token ids."""
+    from model_io import check_vocabulary
+    from sft_config import ConfigError
 
     vocabulary = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
-    if not (gap := vocabulary_gap(tokenizer, vocabulary)):
-        return
     rows = [pairs["reference"][i] for i in pairs["compared"]]
     texts = [m["content"] for row in rows for m in row["prompt"] + row["chosen"] + row["rejected"]]
-    if max(max(ids, default=0) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]) >= vocabulary:
-        raise HandoffError(f"--model {model_dir}: {gap}, and the compared pairs hold such ids: the model and its "
-                           "tokenizer do not match")
-    print(f"note: {gap}; the compared pairs hold none of them")
+    max_id = max(max(ids, default=0) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+    try:
+        note = check_vocabulary(f"--model {model_dir}", tokenizer, vocabulary, max_id, holds="the compared pairs")
+    except ConfigError as e:
+        raise HandoffError(str(e)) from None
+    if note:
+        print(note)
 
 
 def _pairs(state: str, raw, tokenizer, max_len: int) -> dict:

@@ -15,10 +15,8 @@ import json
 import os
 import re
 
-from save_dir_contract import MARK, SET_ASIDE, STAGING, publish, staging_dir, usual_file_modes
+from save_dir_contract import hub_ignore_patterns, publish, run_file, staging_dir, usual_file_modes
 from sft_config import ConfigError
-
-ADAPTER = "adapter"  # save_dir/adapter: the LoRA adapter of a LoRA run (the weights beside it are merged)
 
 
 def prepare_tokenizer(tokenizer):
@@ -57,6 +55,24 @@ def vocabulary_gap(tokenizer, vocab_size: int | None) -> str | None:
     which = f"id {ids.start:,}" if len(ids) == 1 else f"ids {ids.start:,}..{ids.stop - 1:,}"
     return (f"the tokenizer has {len(tokenizer):,} tokens, the model {vocab_size:,} embedding rows: {which} "
             f"({names}{', ...' if len(ids) > 3 else ''}) {'has' if len(ids) == 1 else 'have'} no row")
+
+
+def model_vocab_size(name: str) -> int | None:
+    """The embedding rows of the model `name` (its text config), read from its config alone."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(name).get_text_config(), "vocab_size", None)
+
+
+def check_vocabulary(who: str, tokenizer, vocab_size: int | None, max_id: int, holds: str) -> str | None:
+    """The one vocabulary rule (train_sft.py at its start, dpo_handoff.py check): a tokenizer longer than the
+    model's embedding table is refused when the ids `holds` names reach past the table (max_id >= vocab_size: the
+    forward would index out of range); otherwise the note to say (None when the tokenizer fits)."""
+    if not (gap := vocabulary_gap(tokenizer, vocab_size)):
+        return None
+    if max_id >= vocab_size:
+        raise ConfigError(f"{who}: {gap}, and {holds} hold such ids: use the tokenizer that matches the model")
+    return f"note: {gap}; {holds} hold none of them, so they are never trained or scored"
 
 
 def load_model(name: str, attn_implementation: str | None = None, precision: str | None = None,
@@ -128,7 +144,7 @@ def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
     staging = staging_dir(save_dir, clear=main_process)
     if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter, hand DPO an ordinary model (merged weights)
         if main_process:
-            model.save_pretrained(os.path.join(staging, ADAPTER))
+            model.save_pretrained(run_file(staging, "adapter"))  # beside the merged weights
         trainer.model = model = model.merge_and_unload()  # saved below; the report's samples use it too
     model.config.use_cache = True
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
@@ -198,15 +214,28 @@ def cast_saved_weights(folder: str, dtype) -> None:
         _write_json(config_path, {**_read_json(config_path), "dtype": str(dtype).removeprefix("torch.")})
 
 
-def push_final_model(save_dir: str, hub_model_id: str) -> None:
-    """Upload the final model folder as saved (with our model card), unattended, from the main process only."""
+def push_final_model(save_dir: str, hub_model_id: str) -> bool:
+    """Upload the final model folder as saved (with our model card), unattended, from the main process only; a
+    failure is one `error:` line saying how to push later (the local model is saved). Whether it was pushed."""
+    import sys
+
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(hub_model_id, exist_ok=True)
-    api.upload_folder(repo_id=hub_model_id, folder_path=save_dir, commit_message="SFT reference model for DPO",
-                      ignore_patterns=["checkpoint-*", f"{STAGING}/*", "wandb_run_id", "training_args.bin", ".lock",
-                                       MARK, f"{SET_ASIDE}*"])
+    from run_env import redact
+
+    try:
+        api = HfApi()
+        api.create_repo(hub_model_id, exist_ok=True)
+        api.upload_folder(repo_id=hub_model_id, folder_path=save_dir, commit_message="SFT reference model for DPO",
+                          ignore_patterns=hub_ignore_patterns())
+    except Exception as e:  # noqa: BLE001 (any failure: the local model is saved, say how to push later)
+        reason = (redact(str(e)).strip().splitlines() or [""])[0]
+        print(f"error: push to {hub_model_id} failed ({type(e).__name__}: {reason}). The model is saved in "
+              f"{os.path.abspath(save_dir)}; push it later with: hf upload {hub_model_id} {save_dir} .",
+              file=sys.stderr)
+        return False
+    print(f"Pushed to https://huggingface.co/{hub_model_id}")
+    return True
 
 
 def build_random_llama(out_dir: str, tokenizer, **shape) -> str:

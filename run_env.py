@@ -25,6 +25,7 @@ import sys
 from urllib.parse import urlparse
 
 import hh_sft_chat as chat
+from save_dir_contract import run_file, size
 from sft_config import Config, ConfigError
 
 DEMO_BASE = "./demo_run/base_model"  # config_demo.yaml's policy_name, built by `python train_sft.py --demo`
@@ -248,11 +249,6 @@ def check_disk_space(cfg: Config) -> None:
                           f"{params / 1e9:.2f}B parameters need ~{size(need)}; free space or lower save_total_limit")
 
 
-def size(n_bytes: float) -> str:
-    """Bytes in GiB, or in MiB under 1 GiB (a small model's need is not "0.0 GiB")."""
-    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
-
-
 def rerun_command() -> str:
     """The command that launched this run, quoted so that it pastes into a shell (paths with spaces). Under
     torchrun or `accelerate launch` that is the launcher's command line (a worker's parent, read from /proc):
@@ -307,7 +303,7 @@ def start_wandb(cfg: Config, resume_from: str | None) -> None:
     elif os.environ.get("WANDB_MODE") != "offline" and not reachable(server):
         print(f"W&B: {server} unreachable, logging offline; {sync_hint}")
         os.environ["WANDB_MODE"] = "offline"
-    id_file = os.path.join(t.save_dir, "wandb_run_id")
+    id_file = run_file(t.save_dir, "wandb_run_id")
     run_id = open(id_file, encoding="utf-8").read().strip() if resume_from and os.path.exists(id_file) else None
     init = dict(project=t.wandb_project, name=t.run_name, config=cfg.to_dict(), id=run_id,
                 resume="allow" if run_id else None)

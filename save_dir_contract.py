@@ -35,8 +35,8 @@ import shutil
 import struct
 import sys
 import zipfile
+from dataclasses import dataclass
 
-from run_env import size
 from sft_config import Config, ConfigError
 
 MARK = ".hh-sft-run"
@@ -44,14 +44,75 @@ FINGERPRINT_FILE = "sft_run.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SET_ASIDE = "damaged-"  # damaged-checkpoint-N: a name the Trainer's checkpoint rotation (checkpoint-*) never deletes
 STAGING = ".final-model-tmp"  # the final save is written here, then each file renamed into save_dir (publish)
-# What a run writes into save_dir besides checkpoints; --overwrite removes them all, so no file of an older run is
-# ever left beside new weights.
-RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-             "training_args.bin", "trainer_state.json", "metrics.json", "samples.jsonl", "training_curves.png",
-             "readiness_margins.png", "README.md", "wandb_run_id", "adapter", "samples_during_training.jsonl")
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """One name a run writes into save_dir besides checkpoints. --overwrite removes every one (no file of an older
+    run is ever left beside new weights); `model` files make the folder DPO loads (the dry run checks them);
+    `pushed` ones go to the Hub."""
+
+    name: str
+    written_by: str
+    model: bool = False
+    pushed: bool = True
+
+
+# save_dir's files, the one list: writers name their file through run_file(), --overwrite, the Hub push and the dry
+# run read it here.
+SAVE_DIR_FILES = (
+    RunFile("model.safetensors", "model_io.save_final_model (published last)", model=True),
+    RunFile("model.safetensors.index.json", "model_io.save_final_model (sharded weights)"),
+    RunFile("config.json", "model_io.save_final_model", model=True),
+    RunFile("generation_config.json", "model_io.save_final_model (stops at <|eot_id|>)", model=True),
+    RunFile("tokenizer.json", "model_io.save_final_model", model=True),
+    RunFile("tokenizer_config.json", "model_io.save_final_model"),
+    RunFile("special_tokens_map.json", "model_io.save_final_model (older tokenizers)"),
+    RunFile("chat_template.jinja", "model_io.save_final_model", model=True),
+    RunFile("adapter", "model_io.save_final_model (LoRA: the adapter beside the merged weights)"),
+    RunFile("training_args.bin", "the Trainer (resume state)", pushed=False),
+    RunFile("trainer_state.json", "the Trainer (final save)"),
+    RunFile("samples_during_training.jsonl", "sft_trainer.SampleReplies (each evaluation)"),
+    RunFile("wandb_run_id", "run_env.start_wandb (a resume continues the W&B run)", pushed=False),
+    RunFile("samples.jsonl", "sft_report.write_report"),
+    RunFile("training_curves.png", "sft_report.write_report"),
+    RunFile("readiness_margins.png", "sft_report.card_parts"),
+    RunFile("README.md", "sft_report.card_parts (the model card)"),
+    RunFile("metrics.json", "sft_report.save_metrics (written last: the run finished)"),
+)
+RUN_FILES = tuple(f.name for f in SAVE_DIR_FILES)
+MODEL_FILES = tuple(f.name for f in SAVE_DIR_FILES if f.model)
+OURS = "hh-sft train_sft.py"  # metrics.json's `written_by`: the report is ours
+
+
+def run_file(save_dir: str, name: str) -> str:
+    """The path of one of save_dir's files; a name missing from SAVE_DIR_FILES is a programming error here, not a
+    file --overwrite would leave behind or the push would upload unnoticed."""
+    if name not in RUN_FILES:
+        raise KeyError(f"{name} is not in save_dir_contract.SAVE_DIR_FILES")
+    return os.path.join(save_dir, name)
+
+
+def hub_ignore_patterns() -> list[str]:
+    """What the Hub push leaves out: resume state, bookkeeping, set-aside checkpoints, unpushed run files."""
+    return ["checkpoint-*", f"{STAGING}/*", ".lock", MARK, f"{SET_ASIDE}*",
+            *(f.name for f in SAVE_DIR_FILES if not f.pushed)]
+
+
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
 SHARDED = ("pytorch_model_fsdp", "global_step")  # FSDP / DeepSpeed checkpoint layouts: their own files
+
+
+def size(n_bytes: float) -> str:
+    """Bytes in GiB, or in MiB under 1 GiB (a small model's need is not "0.0 GiB")."""
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def checkpoint_dir(save_dir: str, step: int) -> str:
+    """The folder the Trainer saves step `step` in (its PREFIX_CHECKPOINT_DIR naming, which CHECKPOINT matches)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return os.path.join(save_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
 
 def checkpoint_step(path: str) -> int:
@@ -119,7 +180,8 @@ def is_ours(save_dir: str) -> bool:
     if any(os.path.exists(os.path.join(save_dir, name)) for name in (MARK, STAGING)):
         return True
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        if "tokens_trained" in _read_json(os.path.join(save_dir, "metrics.json")):
+        report = _read_json(os.path.join(save_dir, "metrics.json"))
+        if report.get("written_by") == OURS or "tokens_trained" in report:  # (tokens_trained: runs before the field)
             return True
     names = os.listdir(save_dir) if os.path.isdir(save_dir) else []
     return any(CHECKPOINT.match(n) and os.path.isfile(os.path.join(save_dir, n, FINGERPRINT_FILE)) for n in names)

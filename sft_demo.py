@@ -13,6 +13,7 @@ import os
 
 import data_process_sft as dp
 from model_io import build_random_llama
+from save_dir_contract import MODEL_FILES, run_file
 from sft_config import Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,8 +36,7 @@ def dry_run_checks(save_dir: str) -> int:
     """The plan's artifact and reload checks, as a short report; non-zero exit if any fails."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    checks = {f: os.path.isfile(os.path.join(save_dir, f)) for f in
-              ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json")}
+    checks = {f: os.path.isfile(run_file(save_dir, f)) for f in MODEL_FILES}
     try:
         AutoModelForCausalLM.from_pretrained(save_dir)
         tokenizer = AutoTokenizer.from_pretrained(save_dir)
@@ -44,7 +44,7 @@ def dry_run_checks(save_dir: str) -> int:
         checks["chat template and pad token saved"] = bool(tokenizer.chat_template) and tokenizer.pad_token is not None
     except (OSError, ValueError) as e:
         checks[f"model and tokenizer reload ({e})"] = False
-    with open(os.path.join(save_dir, "metrics.json"), encoding="utf-8") as f:
+    with open(run_file(save_dir, "metrics.json"), encoding="utf-8") as f:
         metrics = json.load(f)
     checks["finite train and eval loss"] = all(math.isfinite(metrics[k]) for k in ("train_loss", "eval_loss"))
     print("Dry-run checks:")
@@ -53,9 +53,12 @@ def dry_run_checks(save_dir: str) -> int:
     return 0 if all(checks.values()) else 1
 
 
-def build_demo_base_model(model_dir: str) -> None:
-    """A base-Llama-3-like folder built offline: a small BPE tokenizer trained on the shipped sample (with the
-    Llama-3 special tokens, no chat template, no pad token) and a random-weight tiny Llama."""
+def build_demo_base_model(cfg: Config) -> None:
+    """The demo's base model (policy_name), built offline unless an earlier demo built it: a small BPE tokenizer
+    trained on the shipped sample (with the Llama-3 special tokens, no chat template, no pad token) and a
+    random-weight tiny Llama. Says first where the demo writes."""
+    model_dir, save_dir = cfg.policy_name, cfg.sft_training.save_dir
+    print(f"Demo: {'replaces the previous demo output in' if os.path.isdir(save_dir) else 'writes to'} {save_dir}")
     if os.path.isfile(os.path.join(model_dir, "config.json")):
         print(f"Reusing the demo's base model at {model_dir} (built by an earlier --demo; delete it to rebuild)")
         return

@@ -16,8 +16,8 @@ import sys
 import hh_sft_chat as chat
 from data_process_sft import read_columns
 from model_io import greedy_reply, held_out_prompts
-from run_env import sharding_requested, size
-from save_dir_contract import checkpoint_step, write_whole
+from run_env import sharding_requested
+from save_dir_contract import OURS, checkpoint_step, run_file, size, write_whole
 from sft_config import Config
 from sft_trainer import whole_run_train_loss
 
@@ -123,6 +123,26 @@ def log_to_wandb(values: dict, step: int) -> None:
         wandb.run.log({**values, "train/global_step": step})
 
 
+def readiness_report(cfg: Config, raw, eval_rows: list[int], tokenizer, step: int) -> dict | None:
+    """Score the eval split's preference pairs under the saved model and the base (sft_readiness), print the
+    report and log it to W&B. Main process only, after the final save; a failure is one warning line (None)."""
+    import sft_readiness as sr
+
+    t = cfg.sft_training
+    if not t.readiness_pairs or "rejected" not in raw.column_names:
+        return None
+    try:
+        pairs = sr.held_out_pairs(raw, eval_rows, t.readiness_pairs)
+        report = sr.score_readiness(t.save_dir, cfg.policy_name, tokenizer, pairs, max_length=t.max_length,
+                                    batch_size=t.eval_batch_size)
+    except Exception as e:  # noqa: BLE001 (the model is saved: a report never fails the run)
+        print(f"warning: reference readiness failed ({type(e).__name__}: {e}); the model is saved", file=sys.stderr)
+        return None
+    print("\n".join(sr.summary_lines(report)))
+    log_to_wandb(sr.wandb_metrics(report), step)
+    return report
+
+
 def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime: float) -> dict:
     """What metrics.json holds: the numbers W&B shows, readable without W&B. The train loss is over every
     optimizer step of the run from its logged history (the Trainer's own covers only the steps since a resume)."""
@@ -132,6 +152,7 @@ def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runti
     epochs_done = trainer.state.epoch or 0.0
     train_counts = read_columns(split["train"], "num_trained", "length")
     metrics = {
+        "written_by": OURS,
         "train_loss": whole_run_train_loss(history),
         "eval_loss": last_eval.get("eval_loss", float("nan")),
         "eval_accuracy": last_eval.get("eval_accuracy", float("nan")),
@@ -189,7 +210,7 @@ def best_lines(metrics: dict) -> list[str]:
 
 def save_metrics(save_dir: str, metrics: dict) -> None:
     """Write metrics.json whole (a temporary file renamed into place): its presence says the run finished."""
-    write_whole(os.path.join(save_dir, "metrics.json"), metrics)
+    write_whole(run_file(save_dir, "metrics.json"), metrics)
 
 
 def write_report(cfg: Config, trainer, tokenizer, eval_messages, metrics: dict) -> None:
@@ -222,7 +243,7 @@ def write_parts(save_dir: str, parts: dict) -> None:
     """Write each report file; a part that fails is one warning line (the model is saved already)."""
     for name, write in parts.items():
         try:
-            write(os.path.join(save_dir, name))
+            write(run_file(save_dir, name))
         except Exception as e:  # noqa: BLE001 (the model is saved; a report file is a convenience)
             print(f"warning: could not write {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                   "the model is saved", file=sys.stderr)

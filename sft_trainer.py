@@ -23,8 +23,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from data_process_sft import CompletionOnlyCollator, read_columns
-from save_dir_contract import FINGERPRINT_FILE, usual_file_modes
+from data_process_sft import CompletionOnlyCollator, VarlenCollator, read_columns
+from save_dir_contract import FINGERPRINT_FILE, checkpoint_dir, run_file, usual_file_modes
 from sft_config import Config
 
 logger = logging.getLogger("train_sft")
@@ -38,6 +38,34 @@ def build_peft_config(lora):
 
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def assemble_trainer(cfg: Config, model, tokenizer, split, fingerprint: dict, *, max_steps: int = -1,
+                     collator=None, sample_prompts: list = (), eval_during_training: bool = True,
+                     checkpoints: bool = True,
+                     length_grouped: bool = True, callbacks: list = ()) -> SFTRunTrainer:
+    """The trainer of a run, assembled in one place (train_sft.py, the tests and the benchmark call this): TRL's
+    SFTConfig from the config, the batching it names (length-grouped, packed or padding-free; `collator` replaces
+    the default one), the train/eval datasets of `split`, the run's callbacks and LoRA.
+
+    What a test or a benchmark needs differently is a parameter: `max_steps` > 0 (a --dry-run: no checkpoints), no
+    evaluation during training (trainer.evaluate() still has the eval split), no checkpoints, `length_grouped=False`
+    (transformers' random sampler: the benchmark's baseline), extra `callbacks`."""
+    t = cfg.sft_training
+    if collator is None and not t.packing:
+        collator = (VarlenCollator if t.padding_free else CompletionOnlyCollator)(tokenizer)
+    args = build_sft_config(cfg, max_steps=max_steps)
+    if not eval_during_training:
+        args.eval_strategy = "no"
+    if not checkpoints:
+        args.save_strategy, args.load_best_model_at_end = "no", False
+    train_data = batches_ready(split["train"], t.packing, t.max_length)
+    if not length_grouped:
+        train_data = train_data.remove_columns("length")
+    eval_data = batches_ready(split["test"], t.packing, t.max_length) if "test" in split else None
+    return SFTRunTrainer(model=model, args=args, processing_class=tokenizer, data_collator=collator,
+                         train_dataset=train_data, eval_dataset=eval_data, peft_config=build_peft_config(t.lora),
+                         callbacks=[*run_callbacks(cfg, fingerprint, list(sample_prompts)), *callbacks])
 
 
 def run_callbacks(cfg: Config, fingerprint: dict, sample_prompts: list) -> list:
@@ -224,7 +252,7 @@ class SampleReplies(TrainerCallback):
     MAX_NEW_TOKENS = 48
 
     def __init__(self, prompts: list[tuple[list[dict], str]], save_dir: str):
-        self.prompts, self.path, self.failed = prompts, os.path.join(save_dir, "samples_during_training.jsonl"), False
+        self.prompts, self.path, self.failed = prompts, run_file(save_dir, "samples_during_training.jsonl"), False
         self.done: set[int] = set()
         self.training = False
 
@@ -281,7 +309,7 @@ class WriteRunFingerprint(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            checkpoint = checkpoint_dir(args.output_dir, state.global_step)
             with open(os.path.join(checkpoint, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
                 json.dump(self.fingerprint, f, indent=2)
             usual_file_modes(checkpoint)

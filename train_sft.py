@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
@@ -30,16 +29,31 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_d
 
 
 @dataclass(frozen=True)
+class Mode:
+    """What differs between the ways train_sft.py runs, in one place."""
+
+    name: str
+    config: str | None = None  # the config it always reads (--demo: config_demo.yaml), else --config
+    fresh: bool = False  # its output is disposable: --overwrite implied
+    max_steps: int = -1  # > 0: that many steps on a slice of the data, no checkpoints, W&B or push (--dry-run)
+    trains: bool = True  # False: score the finished model in save_dir (--readiness)
+    builds_base: bool = False  # builds its tiny base model before the pre-flight (--demo)
+    then: str | None = None  # the sft_demo function run on save_dir after the save: checks, or a reply
+
+
+MODES = {"train": Mode("train"),
+         "dry-run": Mode("dry-run", fresh=True, max_steps=10, then="dry_run_checks"),
+         "demo": Mode("demo", config=DEMO_CONFIG, fresh=True, builds_base=True, then="demo_reply"),
+         "readiness": Mode("readiness", trains=False)}
+
+
+@dataclass(frozen=True)
 class Run:
-    """This invocation: the validated config with --demo/--dry-run resolved into it once, and the mode."""
+    """This invocation: the validated config with its mode resolved into it once."""
 
     cfg: Config
-    mode: str  # "train" | "dry-run" | "demo" | "readiness"
+    mode: Mode
     overwrite: bool
-
-    @property
-    def max_steps(self) -> int:
-        return 10 if self.mode == "dry-run" else -1
 
 
 @dataclass
@@ -62,11 +76,16 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         run = resolve_run(args)
+        if run.mode.builds_base:
+            from sft_demo import build_demo_base_model
+
+            build_demo_base_model(run.cfg)
+        run_env.check_before_loading(run.cfg)
         prepared = prepare(run)
     except ConfigError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: several processes' lines do not interleave
         return 2
-    if run.mode == "readiness":
+    if not run.mode.trains:
         return readiness_only(run, prepared)
     trainer = build_trainer(run, prepared)
     stopped = train(run, trainer, prepared)
@@ -118,25 +137,17 @@ def parse_args(argv):
 # --- config: the file, the overrides, the mode, pre-flight (no torch imported yet) ------------------------------
 def resolve_run(args) -> Run:
     run_env.check_stack()
-    mode = "demo" if args.demo else "dry-run" if args.dry_run else "readiness" if args.readiness else "train"
-    cfg = load_config(DEMO_CONFIG if args.demo else args.config, args.overrides)
-    if mode == "demo":
-        from sft_demo import build_demo_base_model
-
-        previous = os.path.isdir(cfg.sft_training.save_dir)
-        print(f"Demo: {'replaces the previous demo output in' if previous else 'writes to'} "
-              f"{cfg.sft_training.save_dir}")
-        build_demo_base_model(cfg.policy_name)
-    if mode == "dry-run":
+    mode = MODES["demo" if args.demo else "dry-run" if args.dry_run else "readiness" if args.readiness else "train"]
+    cfg = load_config(mode.config or args.config, args.overrides)
+    if mode.max_steps > 0:
         from sft_demo import dry_run_config
 
         cfg = dry_run_config(cfg)
     cfg = apply_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if mode == "readiness" and not cfg.sft_training.readiness_pairs:
+    if not mode.trains and not cfg.sft_training.readiness_pairs:
         raise ConfigError("--readiness with sft_training.readiness_pairs: 0 would score nothing; set it, e.g. "
                           "sft_training.readiness_pairs=512")
-    run_env.check_before_loading(cfg)
-    return Run(cfg=cfg, mode=mode, overwrite=args.overwrite or mode in ("dry-run", "demo"))
+    return Run(cfg=cfg, mode=mode, overwrite=args.overwrite or mode.fresh)
 
 
 # --- prepare: save_dir, tokenizer, data; the main process first, the others read its cache ----------------------
@@ -146,7 +157,7 @@ def prepare(run: Run) -> Prepared:
     from accelerate.utils import gather_object
 
     import data_process_sft as dp
-    from model_io import prepare_tokenizer
+    from model_io import check_vocabulary, model_vocab_size, prepare_tokenizer
     from sft_demo import dry_run_rows
 
     cfg, t = run.cfg, run.cfg.sft_training
@@ -157,7 +168,7 @@ def prepare(run: Run) -> Prepared:
     with state.main_process_first():
         try:
             finished = resume_from = None
-            if run.mode == "readiness":
+            if not run.mode.trains:
                 finished = contract.finished_run(t.save_dir, cfg)
             elif state.is_main_process:
                 resume_from = contract.prepare_save_dir(t.save_dir, overwrite=run.overwrite, epochs=t.epochs,
@@ -167,13 +178,16 @@ def prepare(run: Run) -> Prepared:
                 resume_from = contract.last_complete_checkpoint(t.save_dir)
             tokenizer = prepare_tokenizer(dp.load_tokenizer(cfg.policy_name))
             raw = dp.load_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
-            if run.mode == "dry-run":
+            if run.mode.max_steps > 0:
                 raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
             collator = (dp.VarlenCollator if t.padding_free else dp.CompletionOnlyCollator)(tokenizer)
             data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length,
                                                 num_proc=t.dataset_num_proc, collator=collator, return_report=True)
-            check_split_sizes(cfg, len(data), report)
-            check_vocabulary(cfg.policy_name, tokenizer, data, say=state.is_main_process)
+            dp.check_split_sizes(cfg, len(data), report)
+            note = check_vocabulary(f"policy_name {cfg.policy_name}", tokenizer, model_vocab_size(cfg.policy_name),
+                                    dp.max_token_id(data), holds="the data's token ids")
+            if note and state.is_main_process:
+                print(note)
             fingerprint = contract.run_fingerprint(cfg, report, dp.token_digest(data), state.num_processes)
             contract.check_same_run(resume_from, fingerprint)
         except ConfigError as e:  # kept until every process is past the barrier, then raised by all (below)
@@ -185,49 +199,11 @@ def prepare(run: Run) -> Prepared:
     return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw, finished)
 
 
-def check_split_sizes(cfg: Config, rows: int, report) -> None:
-    """The train/eval split of `rows` usable conversations must leave both sides non-empty (datasets would
-    raise deep inside train_test_split)."""
-    if rows < 2:
-        raise ConfigError(f"fewer than 2 usable rows in {cfg.dataset.dataset_name} ({report.summary()})")
-    test = math.ceil(cfg.dataset.val_ratio * rows)
-    train = rows - test
-    if train < 1 or test < 1:
-        raise ConfigError(f"dataset.val_ratio: {cfg.dataset.val_ratio} of {rows} usable rows gives {train} train "
-                          f"and {test} eval conversations; both need at least 1: lower val_ratio or use more rows")
-
-
-def check_vocabulary(name: str, tokenizer, data, say: bool) -> None:
-    """A tokenizer longer than the model's embedding table: refused when the data holds an id past it (the forward
-    would index out of range), else said in one line (those ids are never trained or scored)."""
-    import pyarrow.compute as pc
-    from transformers import AutoConfig
-
-    from model_io import vocabulary_gap
-
-    vocab_size = getattr(AutoConfig.from_pretrained(name).get_text_config(), "vocab_size", None)
-    if not (gap := vocabulary_gap(tokenizer, vocab_size)):
-        return
-    if pc.max(data.with_format("arrow")[:]["input_ids"].combine_chunks().flatten()).as_py() >= vocab_size:
-        raise ConfigError(f"policy_name {name}: {gap}, and the data holds such ids: use the tokenizer that "
-                          "matches the model")
-    if say:
-        print(f"note: {gap}; the data holds none of them, so they are never trained or scored")
-
-
 # --- trainer ----------------------------------------------------------------------------------------------------
 def build_trainer(run: Run, prepared: Prepared):
     from model_io import held_out_prompts, load_model
     from sft_report import start_summary
-    from sft_trainer import (
-        SFTRunTrainer,
-        attention_implementation,
-        batches_ready,
-        build_peft_config,
-        build_sft_config,
-        prefer_fast_attention,
-        run_callbacks,
-    )
+    from sft_trainer import assemble_trainer, attention_implementation, prefer_fast_attention
 
     cfg, t = run.cfg, run.cfg.sft_training
     kernel_note = prefer_fast_attention()
@@ -235,16 +211,12 @@ def build_trainer(run: Run, prepared: Prepared):
     model = load_model(cfg.policy_name, attention, cfg.precision, lora=t.lora is not None)
     model.config.pad_token_id = model.generation_config.pad_token_id = prepared.tokenizer.pad_token_id
     run_env.start_wandb(cfg, prepared.resume_from)
-    train_data, eval_data = (batches_ready(prepared.split[s], t.packing, t.max_length) for s in ("train", "test"))
-    eval_head = prepared.split["test"].select(range(min(64, len(eval_data))))["messages"]
-    trainer = SFTRunTrainer(
-        model=model, args=build_sft_config(cfg, max_steps=run.max_steps), processing_class=prepared.tokenizer,
-        data_collator=None if t.packing else prepared.collator, train_dataset=train_data, eval_dataset=eval_data,
-        callbacks=run_callbacks(cfg, prepared.fingerprint, held_out_prompts(eval_head, t.sample_prompts)),
-        peft_config=build_peft_config(t.lora),
-    )
+    eval_head = prepared.split["test"].select(range(min(64, len(prepared.split["test"]))))["messages"]
+    trainer = assemble_trainer(cfg, model, prepared.tokenizer, prepared.split, prepared.fingerprint,
+                               max_steps=run.mode.max_steps, collator=prepared.collator,
+                               sample_prompts=held_out_prompts(eval_head, t.sample_prompts))
     if trainer.is_world_process_zero():
-        print(start_summary(cfg, trainer, prepared.report, prepared.split, len(train_data)))
+        print(start_summary(cfg, trainer, prepared.report, prepared.split, len(trainer.train_dataset)))
         if kernel_note:
             print(f"  GPU: {kernel_note}")
         if attention_note:
@@ -293,7 +265,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     from model_io import push_final_model, save_final_model
 
     cfg, t = run.cfg, run.cfg.sft_training
-    final_eval = trainer.evaluate() if run.mode == "dry-run" or t.load_best or not _just_evaluated(trainer) else {}
+    final_eval = trainer.evaluate() if run.mode.max_steps > 0 or t.load_best or not _just_evaluated(trainer) else {}
     try:
         save_final_model(trainer, prepared.tokenizer, t.save_dir, cfg.precision)
     except (OSError, RuntimeError) as e:  # the final save filled the disk: one line; a rerun finishes it
@@ -320,39 +292,16 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
           f"eval loss {metrics['eval_loss']:.4f}, "
           f"eval accuracy {metrics['eval_accuracy']:.4f}", *sft_report.best_lines(metrics), sep="\n")
     print(contract.tidy_finished(t.save_dir, keep_checkpoints=t.keep_checkpoints))
-    if t.push_to_hub:
-        try:
-            push_final_model(t.save_dir, t.hub_model_id)
-        except Exception as e:  # noqa: BLE001 (any failure: the local model is saved, say how to push later)
-            reason = (run_env.redact(str(e)).strip().splitlines() or [""])[0]
-            print(f"error: push to {t.hub_model_id} failed ({type(e).__name__}: {reason}). "
-                  f"The model is saved in {os.path.abspath(t.save_dir)}; push it later with: "
-                  f"hf upload {t.hub_model_id} {t.save_dir} .", file=sys.stderr)
-            return 1
-        print(f"Pushed to https://huggingface.co/{t.hub_model_id}")
+    if t.push_to_hub and not push_final_model(t.save_dir, t.hub_model_id):
+        return 1
     return _after_save(run)
 
 
 # --- reference readiness: how the SFT model scores the DPO stage's held-out pairs ---------------------------------
 def readiness(run: Run, prepared: Prepared, step: int) -> dict | None:
-    """Score the eval split's preference pairs under the saved model and the base (sft_readiness), print the
-    report and log it to W&B. Main process only, after the final save; a failure is one warning line."""
-    import sft_readiness as sr
-    from sft_report import log_to_wandb
+    from sft_report import readiness_report
 
-    t = run.cfg.sft_training
-    if not t.readiness_pairs or "rejected" not in prepared.raw.column_names:
-        return None
-    try:
-        pairs = sr.held_out_pairs(prepared.raw, prepared.split["test"]["row"], t.readiness_pairs)
-        report = sr.score_readiness(t.save_dir, run.cfg.policy_name, prepared.tokenizer, pairs,
-                                    max_length=t.max_length, batch_size=t.eval_batch_size)
-    except Exception as e:  # noqa: BLE001 (the model is saved: a report never fails the run)
-        print(f"warning: reference readiness failed ({type(e).__name__}: {e}); the model is saved", file=sys.stderr)
-        return None
-    print("\n".join(sr.summary_lines(report)))
-    log_to_wandb(sr.wandb_metrics(report), step)
-    return report
+    return readiness_report(run.cfg, prepared.raw, prepared.split["test"]["row"], prepared.tokenizer, step)
 
 
 def readiness_only(run: Run, prepared: Prepared) -> int:
@@ -379,13 +328,12 @@ def readiness_only(run: Run, prepared: Prepared) -> int:
 
 
 def _after_save(run: Run) -> int:
-    from sft_demo import demo_reply, dry_run_checks
+    """The mode's last step on the saved folder (the dry run's checks, the demo's reply); its exit code."""
+    if not run.mode.then:
+        return 0
+    import sft_demo
 
-    if run.mode == "dry-run":
-        return dry_run_checks(run.cfg.sft_training.save_dir)
-    if run.mode == "demo":
-        demo_reply(run.cfg.sft_training.save_dir)
-    return 0
+    return getattr(sft_demo, run.mode.then)(run.cfg.sft_training.save_dir) or 0
 
 
 def _just_evaluated(trainer) -> bool:

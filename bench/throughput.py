@@ -65,6 +65,7 @@ SHAPES = {
 }
 SAME_BATCHES = ("ours", "limit", "varlen", "varlen+compile", "ours+pad64", "ours+liger", "ours+compile",
                 "ours+offload")  # the modes whose steps hold the same conversations as ours
+MODES = ("baseline", "packing", "lora", "math", *SAME_BATCHES)  # every mode a worker knows
 FIRST_LOSSES = 10  # optimizer steps whose training loss each mode records
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -85,6 +86,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(run_mode(args.worker, args)))
         return
+    if unknown := [m for m in args.modes.split(",") if m not in MODES]:  # a typo once ran as `ours`, named as typed
+        parser.exit(2, f"error: unknown mode {', '.join(unknown)}: the modes are {', '.join(MODES)}\n")
     conversations = args.conversations or (512 if args.quick else 2048)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,13 +211,16 @@ def max_relative_difference(values, reference) -> float | None:
 
 def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool, profiler, losses: list):
     """One pass through the SFTTrainer setup train_sft.py builds, batched as `mode` says."""
-    from data_process_sft import CompletionOnlyCollator, VarlenCollator
+    from transformers import ProgressCallback
+
+    from data_process_sft import CompletionOnlyCollator
     from sft_config import Config, DatasetConfig, LoraSettings, SFTTrainingConfig
-    from sft_trainer import SFTRunTrainer, attention_implementation, batches_ready, build_peft_config, build_sft_config
+    from sft_trainer import assemble_trainer, attention_implementation, batches_ready
 
     packing = mode == "packing"
     start = time.perf_counter()
-    train_data = batches_ready(data, packing, args.max_length)
+    if packing:  # the packing step alone, timed (the assembly below packs the same rows again)
+        batches_ready(data, packing, args.max_length)
     pack_s = time.perf_counter() - start if packing else 0.0
     # Packed rows hold several conversations: a packed batch takes as many tokens as an ideal unpadded batch.
     batch_size = args.batch_size if not packing else max(
@@ -227,21 +233,16 @@ def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool, profiler, l
             log_steps=10_000, eval_steps=10_000, save_steps=10_000, use_liger_kernel=mode.endswith("+liger"),
             torch_compile=mode.endswith("+compile"), activation_offloading=mode.endswith("+offload"),
             gradient_checkpointing=False, readiness_pairs=0, lora=LoraSettings() if mode == "lora" else None,
-            padding_free=mode.startswith("varlen")))
+            padding_free=mode.startswith("varlen"), sample_prompts=0))
     attention, _ = attention_implementation(cfg.sft_training)
     if attention:
         model.set_attn_implementation(attention)
-    sft_config = build_sft_config(cfg)
-    sft_config.eval_strategy = sft_config.save_strategy = "no"
-    sft_config.disable_tqdm = True
-    if mode == "baseline":  # without a `length` column the trainer falls back to transformers' random sampler
-        train_data = train_data.remove_columns("length")
     counter, timer = TokenCounter(), StepTimer()
-    collator = VarlenCollator(tokenizer) if mode.startswith("varlen") else CompletionOnlyCollator(
-        tokenizer, pad_to_multiple_of=64 if mode.endswith("+pad64") else None)
-    trainer = SFTRunTrainer(model=model, args=sft_config, train_dataset=train_data, processing_class=tokenizer,
-                            data_collator=None if packing else collator,
-                            callbacks=[timer, profiler], peft_config=build_peft_config(cfg.sft_training.lora))
+    pad64 = CompletionOnlyCollator(tokenizer, pad_to_multiple_of=64) if mode.endswith("+pad64") else None
+    # baseline: without a `length` column the trainer falls back to transformers' random sampler
+    trainer = assemble_trainer(cfg, model, tokenizer, {"train": data}, {}, collator=pad64, eval_during_training=False,
+                               checkpoints=False, length_grouped=mode != "baseline", callbacks=[timer, profiler])
+    trainer.remove_callback(ProgressCallback)
     trainer.data_collator = counter.wrap(trainer.data_collator)
     step = trainer.training_step
 

@@ -251,16 +251,8 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from data_process_sft import CompletionOnlyCollator, VarlenCollator
     from sft_config import load_config
-    from sft_trainer import (
-        SFTRunTrainer,
-        attention_implementation,
-        batches_ready,
-        build_peft_config,
-        build_sft_config,
-        run_callbacks,
-    )
+    from sft_trainer import assemble_trainer, attention_implementation
 
     tokenizer, data = tiny_data()
     folder = Path(folder)
@@ -268,27 +260,18 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
     path = folder / "c.yaml"
     training = {"batch_size": 4, "eval_batch_size": 3, "max_length": 96, "save_dir": str(folder / "out"),
                 "wandb_project": None, "warmup_steps": 0, "learning_rate": 1e-2, "log_steps": 1,
-                "save_steps": save_steps or 1000, **sft}
+                "save_steps": save_steps or 1000, "max_steps": steps, **sft}
     path.write_text(f"policy_name: tiny\ndataset: {{}}\nsft_training: {training}\n")
     cfg = load_config(str(path))
-    args = build_sft_config(cfg, max_steps=steps)
-    args.eval_strategy = "no"
-    args.save_strategy = "steps" if save_steps else "no"
-    args.load_best_model_at_end = bool(save_steps) and cfg.sft_training.load_best  # as a run with checkpoints
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     attention, _ = attention_implementation(cfg.sft_training)
     if attention:
         model.set_attn_implementation(attention)
-    collator = VarlenCollator if cfg.sft_training.padding_free else CompletionOnlyCollator
     split = data.train_test_split(test_size=0.25, seed=1)
-    return SFTRunTrainer(model=model, args=args, processing_class=tokenizer,
-                         data_collator=collator(tokenizer),
-                         train_dataset=batches_ready(split["train"], False, 96),
-                         eval_dataset=batches_ready(split["test"], False, 96),
-                         peft_config=build_peft_config(cfg.sft_training.lora),
-                         callbacks=run_callbacks(cfg, {"tiny": True}, sample_prompts=[]))
+    return assemble_trainer(cfg, model, tokenizer, split, {"tiny": True}, eval_during_training=False,
+                            checkpoints=bool(save_steps))
 
 
 @pytest.fixture(autouse=True)

@@ -204,7 +204,7 @@ def test_a_kill_at_every_write_of_install_or_uninstall_is_finished_or_undone_by_
     counted = run(reference, 0, "never", "install")
     installed, writes = snapshot(reference), int(counted.stdout.split()[-1])
     undo_writes = int(run(make_installed(tmp_path / "count"), 0, "never", "uninstall").stdout.split()[-1])
-    assert writes >= 10 and undo_writes >= 9  # the record twice and every file
+    assert writes >= 6 and undo_writes >= 5  # the record twice and every file
     cases = [(command, at, when) for command, total in (("install", writes), ("uninstall", undo_writes))
              for at in range(1, total + 1) for when in ("before", "after")]
     for i, (command, at, when) in enumerate(cases):  # each kill recovered by the next install or uninstall, in turn
@@ -424,13 +424,14 @@ def model_folder(tmp_path, base_model_dir):
     template and pad token."""
     from transformers import AutoTokenizer
 
-    from model_io import prepare_tokenizer
+    from model_io import prepare_tokenizer, write_portable_files
 
     model = tmp_path / "model"
     model.mkdir()
     for path in base_model_dir.iterdir():
         (model / path.name).write_bytes(path.read_bytes())
     prepare_tokenizer(AutoTokenizer.from_pretrained(base_model_dir)).save_pretrained(model)
+    write_portable_files(str(model))  # as the final save leaves it: loadable by the DPO repo's transformers 4.57
     return model
 
 

@@ -227,7 +227,7 @@ def test_with_load_best_the_report_gives_the_handed_off_models_numbers(tmp_path)
     tokenizer, data = tiny_data()
     prepared = train_sft.Prepared(tokenizer, None, DataReport(), data.train_test_split(test_size=0.25, seed=1),
                                   None, {}, raw=None)
-    run = train_sft.Run(load_config(str(tmp_path / "c.yaml")), mode="train", overwrite=False)
+    run = train_sft.Run(load_config(str(tmp_path / "c.yaml")), mode=train_sft.MODES["train"], overwrite=False)
     assert train_sft.finish(run, trainer, prepared, start=0.0) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["best"]["step"] == best and metrics["best"]["handed_off"] is True

@@ -159,7 +159,8 @@ def test_ctrl_c_in_the_final_save_is_one_line_naming_the_command_that_finishes_i
 
     monkeypatch.setattr(model_io, "save_final_model", interrupted)
     monkeypatch.setattr(sys, "argv", ["train_sft.py", "--config", "c.yaml"])
-    run = train_sft.Run(cfg=load_config(str(write_config(tmp_path, small_base_dir))), mode="train", overwrite=False)
+    cfg = load_config(str(write_config(tmp_path, small_base_dir)))
+    run = train_sft.Run(cfg=cfg, mode=train_sft.MODES["train"], overwrite=False)
     trainer = types.SimpleNamespace(state=types.SimpleNamespace(log_history=[], global_step=3),
                                     evaluate=lambda: {"eval_loss": 1.0})
     assert train_sft.finish(run, trainer, types.SimpleNamespace(tokenizer=None), start=0.0) == 130
@@ -168,7 +169,8 @@ def test_ctrl_c_in_the_final_save_is_one_line_naming_the_command_that_finishes_i
     assert "the same command finishes the run from its last checkpoint: python train_sft.py --config c.yaml" in err
 
 
-@pytest.mark.parametrize(("rows", "data_max", "refused"), [(128256, 128000, False), (1000, 5000, True)])
+@pytest.mark.parametrize(("rows", "data_max", "refused"), [(128256, 128000, False), (1000, 5000, True),
+                                                       (128256, 128256, True)])  # <|image|> itself: refused
 def test_a_tokenizer_longer_than_the_models_vocabulary_is_said_at_the_start(tmp_path, base_model_dir, capsys, rows,
                                                                            data_max, refused):
     """Llama-3.2-Vision's tokenizer has <|image|> (128256) past a 128,256-row table: said in one line when the data
@@ -178,7 +180,8 @@ def test_a_tokenizer_longer_than_the_models_vocabulary_is_said_at_the_start(tmp_
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    import train_sft
+    from data_process_sft import max_token_id
+    from model_io import check_vocabulary, model_vocab_size
     from sft_config import ConfigError
 
     model = tmp_path / "model"
@@ -187,15 +190,19 @@ def test_a_tokenizer_longer_than_the_models_vocabulary_is_said_at_the_start(tmp_
     (model / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
     tokenizer = AutoTokenizer.from_pretrained(model)
     data = Dataset.from_dict({"input_ids": [[1, 2, data_max], [3]]})
+
+    def check():
+        return check_vocabulary("policy_name m", tokenizer, model_vocab_size(str(model)), max_token_id(data),
+                                holds="the data's token ids")
+
     if refused:
-        with pytest.raises(ConfigError, match=r"the model 1,000 embedding rows: ids 1,000\.\.128,256 .* and the "
-                                              r"data holds such ids"):
-            train_sft.check_vocabulary(str(model), tokenizer, data, say=True)
+        with pytest.raises(ConfigError, match=rf"the model {rows:,} embedding rows: ids? {rows:,}.* and the "
+                                              r"data's token ids hold such ids"):
+            check()
     else:
-        train_sft.check_vocabulary(str(model), tokenizer, data, say=True)
-        assert capsys.readouterr().out == ("note: the tokenizer has 128,257 tokens, the model 128,256 embedding rows: "
-                                           "id 128,256 (<|image|> (128256)) has no row; the data holds none "
-                                           "of them, so they are never trained or scored\n")
+        assert check() == ("note: the tokenizer has 128,257 tokens, the model 128,256 embedding rows: "
+                           "id 128,256 (<|image|> (128256)) has no row; the data's token ids hold none "
+                           "of them, so they are never trained or scored")
 
 
 def test_weights_in_checkpoints_and_the_final_folder_follow_the_umask(tmp_path):

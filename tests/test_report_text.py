@@ -542,9 +542,10 @@ def test_a_report_part_that_fails_is_one_warning_line(tmp_path, capsys, error, s
     def fail(path):
         raise error
 
-    sft_report.write_parts(str(tmp_path), {"a.png": fail, "b.md": lambda path: sft_report._write_text(path, "é")})
-    assert capsys.readouterr().err == f"warning: could not write a.png ({said}); the model is saved\n"
-    assert (tmp_path / "b.md").read_bytes() == "é".encode()
+    sft_report.write_parts(str(tmp_path), {"training_curves.png": fail,
+                                           "README.md": lambda path: sft_report._write_text(path, "é")})
+    assert capsys.readouterr().err == f"warning: could not write training_curves.png ({said}); the model is saved\n"
+    assert (tmp_path / "README.md").read_bytes() == "é".encode()
 
 
 def test_the_margin_plot_range_keeps_zero_in_view_and_widens_a_single_value():

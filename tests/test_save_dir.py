@@ -201,7 +201,7 @@ def test_disk_budget_counts_save_total_limit_plus_one_checkpoints(tmp_path, smal
     with pytest.raises(ConfigError, match=r": 0\.0 MiB free, 4 checkpoints and the final model of 0\.00B "
                                           r"parameters need ~\d+\.\d MiB; "):  # not "0.0 GiB ... ~0.0 GiB"
         run_env.check_disk_space(cfg)
-    assert run_env.size(3 * 2**30) == "3.0 GiB" and run_env.size(5 * 2**20) == "5.0 MiB"
+    assert save_dir_contract.size(3 * 2**30) == "3.0 GiB" and save_dir_contract.size(5 * 2**20) == "5.0 MiB"
 
 
 # --- a final save cut short; whole-run metrics -----------------------------------------------------------------
@@ -578,5 +578,6 @@ def test_readiness_never_replaces_the_report_when_no_pair_was_scored(tmp_path, s
     monkeypatch.setattr(train_sft, "readiness", lambda *args, **kwargs: scored)
     raw = Dataset.from_dict({"chosen": ["\n\nHuman: a\n\nAssistant: b"], "rejected": ["\n\nHuman: a\n\nAssistant: c"]})
     prepared = train_sft.Prepared(None, None, None, None, None, {}, raw, finished=json.loads(json.dumps(report)))
-    assert train_sft.readiness_only(train_sft.Run(cfg, "readiness", False), prepared) == (2 if scored else 1)
+    run = train_sft.Run(cfg, train_sft.MODES["readiness"], False)
+    assert train_sft.readiness_only(run, prepared) == (2 if scored else 1)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == report
