@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -115,6 +116,56 @@ def read_columns(ds, *names: str) -> dict[str, np.ndarray]:
     """Whole columns of a (possibly split or shuffled) dataset as numpy arrays: ~4x faster than iterating
     `ds[name]` row by row (measured on 135k rows: 1.3 s vs 5.0 s)."""
     return ds.select_columns(list(names)).with_format("numpy")[:]
+
+
+@dataclass
+class Source:
+    """One dataset SFT trains on (an entry of sft_training.datasets, or dataset.* when that is unset), as built."""
+
+    dataset_name: str
+    subset: str
+    fraction: float
+    report: chat.DataReport
+    rows: np.ndarray  # the indices, in the source's split, of the rows taken (its fraction, drawn with the seed)
+    raw: object  # the source's split as read (the readiness report scores its preference pairs)
+
+
+def sources_of(cfg) -> list:
+    """The sources a run trains on: sft_training.datasets, or dataset.dataset_name alone."""
+    from sft_config import DatasetSource
+
+    return cfg.sft_training.datasets or [DatasetSource(dataset_name=cfg.dataset.dataset_name,
+                                                       subset=cfg.dataset.subset)]
+
+
+def build_sft_mixture(cfg, tokenizer, collator, slice_rows: int | None = None):
+    """Every source loaded and built on its own (format detected, rows dropped and counted per source), its
+    `fraction` of rows drawn with the run's seed (the same rows for the same seed), then mixed with that seed.
+    Returns (dataset with `source` and `row` columns, merged report, [Source]). One source without
+    sft_training.datasets is the dataset itself, in its own order (as before mixtures: same split, same resume)."""
+    from datasets import concatenate_datasets
+
+    t, parts, sources = cfg.sft_training, [], []
+    for i, source in enumerate(sources_of(cfg)):
+        raw = load_rows(source.dataset_name, source.subset)
+        rows = np.arange(len(raw))
+        if source.fraction < 1:
+            rows = np.sort(np.random.default_rng(t.seed).permutation(len(raw))[: max(1, round(source.fraction *
+                                                                                              len(raw)))])
+        rows = rows[:slice_rows] if slice_rows else rows
+        part = raw.select(rows) if len(rows) < len(raw) else raw
+        data, report = build_sft_dataset(part, tokenizer, max_length=t.max_length, num_proc=t.dataset_num_proc,
+                                         collator=collator, return_report=True)
+        if t.datasets and not len(data):
+            raise ConfigError(f"sft_training.datasets.{i} ({source.dataset_name} [{source.subset}]): no usable rows "
+                              f"({report.summary()})")
+        taken = rows[np.asarray(data["row"], dtype=np.int64)]
+        parts.append(data.remove_columns("row").add_column("row", taken.tolist()).add_column("source", [i] * len(data)))
+        sources.append(Source(source.dataset_name, source.subset, source.fraction, report, rows, raw))
+    if not t.datasets:
+        return parts[0], sources[0].report, sources
+    mixed = concatenate_datasets(parts).shuffle(seed=t.seed).flatten_indices()
+    return mixed, chat.merge_reports([s.report for s in sources], read_columns(mixed, "length")["length"]), sources
 
 
 def check_split_sizes(cfg, rows: int, report) -> None:
@@ -297,30 +348,35 @@ def render_trained(tokenizer, input_ids: list[int], labels: list[int], color: bo
     return "".join(pieces)
 
 
-def inspect(config_path: str, n: int) -> int:
-    """Print n conversations as the model will see them, then the data report (same checks as training)."""
+def inspect(config_path: str, n: int, overrides: list[str] = ()) -> int:
+    """Print n conversations of each source as the model will see them, then the data report (same checks and the
+    same `section.key=value` overrides as training)."""
     from model_io import prepare_tokenizer  # (the tokenizer as a run prepares it: chat template, pad token)
     from run_env import check_before_loading
 
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, overrides)
         check_before_loading(cfg)
         tokenizer = prepare_tokenizer(load_tokenizer(cfg.policy_name))
-        raw = load_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
+        data, report, sources = build_sft_mixture(cfg, tokenizer, CompletionOnlyCollator(tokenizer))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t = cfg.sft_training
-    data, report = build_sft_dataset(raw, tokenizer, max_length=t.max_length, num_proc=t.dataset_num_proc,
-                                     return_report=True)
     color = sys.stdout.isatty()
     legend = "green" if color else "[[ ]]"
-    for i, row in enumerate(data.select(range(min(n, len(data))))):
-        print(f"\n=== conversation {i + 1}: {len(row['input_ids'])} tokens, {row['num_trained']} trained "
-              f"(in {legend}) ===")
-        print(render_trained(tokenizer, row["input_ids"], row["labels"], color))
+    for number, source in enumerate(sources):
+        rows = data.filter(lambda row, i=number: row["source"] == i).select(range(min(n, source.report.rows_kept)))
+        for i, row in enumerate(rows):
+            where = f" of {source.dataset_name} [{source.subset}]" if len(sources) > 1 else ""
+            print(f"\n=== conversation {i + 1}{where}: {len(row['input_ids'])} tokens, {row['num_trained']} trained "
+                  f"(in {legend}) ===")
+            print(render_trained(tokenizer, row["input_ids"], row["labels"], color))
+    for source in sources if len(sources) > 1 else ():
+        print(f"\n{source.dataset_name} [{source.subset}]: {source.report.summary()}")
     share = report.assistant_tokens / report.tokens if report.tokens else 0.0
-    print(f"\n=== data report: {cfg.dataset.dataset_name} [{cfg.dataset.subset}], max_length {t.max_length} ===")
+    named = ", ".join(f"{s.dataset_name} [{s.subset}]" for s in sources)
+    print(f"\n=== data report: {named}, max_length {t.max_length} ===")
     print(f"rows read {report.rows_read}, kept {report.rows_kept}")
     for reason, count in sorted(report.dropped.items()):
         print(f"  dropped {reason}: {count}")
@@ -334,9 +390,11 @@ def inspect(config_path: str, n: int) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Inspect the SFT data as the model will see it.")
     parser.add_argument("--config", default="config_dpo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config keys as a run does, e.g. sft_training.max_length=1024")
     parser.add_argument("--inspect", action="store_true", help="print conversations with trained tokens marked")
-    parser.add_argument("-n", type=int, default=3, help="conversations to print")
-    args = parser.parse_args()
+    parser.add_argument("-n", type=int, default=3, help="conversations to print (of each dataset)")
+    args = parser.parse_intermixed_args()
     if not args.inspect:
         parser.error("nothing to do: pass --inspect")
-    sys.exit(inspect(args.config, args.n))
+    sys.exit(inspect(args.config, args.n, args.overrides))

@@ -56,7 +56,8 @@ EXAMPLES = {
     "prompt_completion": '{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", '
                          '"content": "Hello!"}]}',
 }
-NAMES = {"hh": "HH text", "messages": "messages (TRL conversational)",
+NAMES = {"mixture": "a mixture (each source's format is said on its own)", "hh": "HH text",
+         "messages": "messages (TRL conversational)",
          "preference": "conversational preference (TRL)", "prompt_completion": "prompt-completion (TRL conversational)"}
 
 
@@ -251,6 +252,25 @@ class DataReport:
             line += (f"; {self.prompt_repeated} rows repeat their prompt at the start of the reply side: the prompt "
                      "is taken once")
         return line
+
+
+def merge_reports(reports: list[DataReport], lengths) -> DataReport:
+    """One report for several sources built on their own (lengths: the token lengths of every kept row)."""
+    merged = DataReport(format=reports[0].format if len({r.format for r in reports}) == 1 else "mixture")
+    for report in reports:
+        merged.rows_read += report.rows_read
+        merged.rows_kept += report.rows_kept
+        merged.dropped = dict(Counter(merged.dropped) + Counter(report.dropped))
+        merged.tokens += report.tokens
+        merged.assistant_tokens += report.assistant_tokens
+        merged.truncated += report.truncated
+        merged.prompt_repeated += report.prompt_repeated
+    if len(lengths):
+        merged.length_percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+    kept = sum(r.rows_kept for r in reports)
+    merged.assistant_turns_mean = round(sum(r.assistant_turns_mean * r.rows_kept for r in reports) / kept, 2) \
+        if kept else 0.0
+    return merged
 
 
 def dataset_format(ds) -> str:

@@ -88,9 +88,12 @@ def check_before_loading(cfg: Config) -> None:
         _require_gpu(f"sft_training.attn_implementation: {train.attn_implementation} needs a CUDA GPU")
     check_local("dataset.dataset_name", cfg.dataset.dataset_name)
     check_data_format(cfg.dataset.dataset_name)
+    for i, source in enumerate(train.datasets or ()):
+        check_local(f"sft_training.datasets.{i}.dataset_name", source.dataset_name)
+        check_data_format(source.dataset_name)
     check_local("policy_name", cfg.policy_name)
     check_apart(train.save_dir, cfg.policy_name)
-    check_hub(cfg.policy_name, cfg.dataset.dataset_name)
+    check_hub(cfg.policy_name, cfg.dataset.dataset_name, *(source.dataset_name for source in train.datasets or ()))
 
 
 def sharding_requested() -> list[str]:

@@ -460,6 +460,7 @@ def run_fingerprint(cfg: Config, report, data_digest: str, world_size: int) -> d
                                                              "neftune_noise_alpha", "early_stopping_patience",
                                                              "optim", "weight_decay", "lr_scheduler_type")},
             "sft_training.lora": t.lora.model_dump() if t.lora else None,
+            "sft_training.datasets": [d.model_dump() for d in t.datasets] if t.datasets else None,
             "processes": world_size}
 
 

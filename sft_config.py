@@ -94,6 +94,15 @@ class DatasetConfig(Section):
     max_len: Annotated[Int, Field(ge=1)] = 512  # DPO's max length (SFT uses sft_training.max_length)
 
 
+class DatasetSource(Section):
+    """One entry of `sft_training.datasets`: a dataset SFT trains on (TRL's `datasets:` list, alignment-handbook's
+    `dataset_mixture`, axolotl's `datasets:`)."""
+
+    dataset_name: PathStr  # Hub id, or a local .jsonl/.jsonl.gz/.json/.parquet file or folder
+    subset: Str = "train[:100%]"  # split expression
+    fraction: Annotated[Float, Field(gt=0, le=1)] = 1.0  # of this source's rows, drawn with the run's seed
+
+
 class SFTTrainingConfig(Section):
     """The `sft_training` section. Every key maps onto TRL's `SFTConfig` (see sft_trainer.build_sft_config)."""
 
@@ -129,6 +138,9 @@ class SFTTrainingConfig(Section):
     activation_offloading: Bool = False  # TRL's: activations to CPU memory in the backward pass (CUDA only)
     ddp_find_unused_parameters: Bool = False  # DDP: look for parameters without gradient each step (none here)
     lora: LoraSettings | None = None  # null: full fine-tuning
+    # null: train on dataset.dataset_name; else these sources, mixed (dataset.* stays the DPO stage's data and what
+    # the readiness report scores)
+    datasets: Annotated[list[DatasetSource], Field(min_length=1)] | None = None
     readiness_pairs: Annotated[Int, Field(ge=0)] = 512  # held-out DPO pairs scored at the end; 0: off
     save_dir: PathStr = "sft_model"
     seed: Int = 42
@@ -260,7 +272,11 @@ def _one_line(error: dict) -> str:
     where, kind, value = ".".join(loc), error["type"], error.get("input")
     if kind == "extra_forbidden":
         *section, key = loc
-        return _unknown(key, list(_model_at(section).model_fields), f"'{section[-1]}'")
+        where = ".".join(section) if any(part.isdigit() for part in section) else section[-1]  # a list's entry
+        return _unknown(key, list(_model_at(section).model_fields), f"'{where}'")
+    if kind == "missing":
+        *section, key = loc
+        return f"missing required key '{key}' in '{'.'.join(section) or 'top level'}'"
     if kind == "model_type":
         return f"{where}: must be a mapping of keys, got {type(value).__name__}"
     if value is None:
@@ -285,6 +301,8 @@ def _one_line(error: dict) -> str:
 def _model_at(section: list[str]) -> type[BaseModel]:
     model: type[BaseModel] = Config
     for name in section:
+        if name.isdigit():  # an entry of a list of sections (sft_training.datasets.0)
+            continue
         model = _section_model(model.model_fields[name].annotation) or model.model_fields[name].annotation
     return model
 
@@ -292,8 +310,9 @@ def _model_at(section: list[str]) -> type[BaseModel]:
 def _section_model(annotation) -> type[BaseModel] | None:
     """The section class of a field (`DatasetConfig`, or `LoraSettings` out of `LoraSettings | None`); None for a
     plain value."""
-    return next((a for a in (annotation, *typing.get_args(annotation))
-                 if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for a in typing.get_args(annotation) if (model := _section_model(a)) is not None), None)
 
 
 # The names users bring from TRL/transformers, axolotl and torchtune for our keys: suggested by meaning, where

@@ -22,16 +22,33 @@ from sft_config import Config
 from sft_trainer import whole_run_train_loss
 
 
-def start_summary(cfg: Config, trainer, report, split, n_train_rows: int) -> str:
-    """What this run will do, before the first step: data, batch, schedule (what YAML and overrides set, as the
-    trainer took them), parallel and training mode, where it writes."""
+def source_lines(sources) -> str:
+    """One line per dataset of a mixture (sft_training.datasets): its format, rows kept and dropped and why."""
+    if len(sources) < 2:
+        return ""
+    return "".join(f"    source {i}: {s.dataset_name} [{s.subset}]"
+                   f"{f' x {s.fraction:g}' if s.fraction < 1 else ''}: {s.report.summary()}\n"
+                   for i, s in enumerate(sources))
+
+
+def sources_metrics(sources) -> list[dict]:
+    """metrics.json's `sources`: each dataset trained on and its rows (read, kept, dropped)."""
+    return [{"dataset_name": s.dataset_name, "subset": s.subset, "fraction": s.fraction, "format": s.report.format,
+             "rows_read": s.report.rows_read, "rows_kept": s.report.rows_kept, "dropped": s.report.dropped}
+            for s in sources]
+
+
+def start_summary(cfg: Config, trainer, report, split, n_train_rows: int, sources=()) -> str:
+    """What this run will do, before the first step: data (each source of a mixture on its own line), batch,
+    schedule (what YAML and overrides set, as the trainer took them), parallel and training mode, where it
+    writes."""
     t, args = cfg.sft_training, trainer.args
     world = args.world_size
     global_batch = t.batch_size * t.gradient_accumulation * world
     steps = args.max_steps if args.max_steps > 0 else math.ceil(math.ceil(n_train_rows / global_batch) * t.epochs)
     rows = f" packed into {n_train_rows} rows of <= {t.max_length} tokens" if t.packing else ""
     return (f"SFT of {cfg.policy_name} ({cfg.precision}) on {cfg.dataset.dataset_name} [{cfg.dataset.subset}]\n"
-            f"  data: {report.summary()}\n"
+            f"  data: {report.summary()}\n{source_lines(sources)}"
             f"  train {len(split['train'])} / eval {len(split['test'])} conversations{rows}, "
             f"max_length {t.max_length}, {'packing' if t.packing else 'length-grouped batches'}\n"
             f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
@@ -143,7 +160,7 @@ def readiness_report(cfg: Config, raw, eval_rows: list[int], tokenizer, step: in
     return report
 
 
-def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime: float) -> dict:
+def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runtime: float, sources=()) -> dict:
     """What metrics.json holds: the numbers W&B shows, readable without W&B. The train loss is over every
     optimizer step of the run from its logged history (the Trainer's own covers only the steps since a resume)."""
     history = trainer.state.log_history
@@ -165,6 +182,7 @@ def collect_metrics(cfg: Config, trainer, report, split, final_eval: dict, runti
         "tokens_trained": round(int(train_counts["num_trained"].sum()) * epochs_done),
         "tokens_seen": round(int(train_counts["length"].sum()) * epochs_done),
         "data": dataclasses.asdict(report),
+        "sources": sources_metrics(sources),
         "runtime_s": round(runtime, 1),
         "config": cfg.to_dict(),
         "overrides": list(cfg.overrides),
@@ -386,6 +404,33 @@ def readiness_section(report: dict | None) -> str:
 """
 
 
+TRAINED_ON = {"hh": "the `chosen` conversations (HH text)", "messages": "the `messages` conversations",
+              "preference": "the chosen side of the conversational preference pairs",
+              "prompt_completion": "the prompt + completion conversations"}
+
+
+def trained_on(cfg: Config, metrics: dict) -> str:
+    """What the card says was trained: the format's conversations of the dataset, or the mixture's sources."""
+    sources = metrics.get("sources") or []
+    if len(sources) > 1:
+        return f"a mixture of {len(sources)} datasets (listed under Data)"
+    fmt = TRAINED_ON.get(metrics["data"].get("format", "hh"), "the conversations")
+    return f"{fmt} of `{cfg.dataset.dataset_name}` (`{cfg.dataset.subset}`)"
+
+
+def source_rows(metrics: dict) -> str:
+    """The card's line per source of a mixture ("" for one dataset)."""
+    sources = metrics.get("sources") or []
+    if len(sources) < 2:
+        return ""
+    lines = []
+    for s in sources:
+        fraction = f", fraction {s['fraction']:g}" if s["fraction"] < 1 else ""
+        lines.append(f"\n  - `{s['dataset_name']}` (`{s['subset']}`{fraction}): {chat.NAMES[s['format']]}, rows read "
+                     f"{s['rows_read']}, kept {s['rows_kept']}")
+    return "".join(lines)
+
+
 def model_card(cfg: Config, metrics: dict) -> str:
     """The README.md the Hub shows: base model, data and filtering, hyperparameters, metrics, use in DPO."""
     t, data = cfg.sft_training, metrics["data"]
@@ -403,13 +448,13 @@ tags: [sft, trl, dpo-reference]
 
 # {repo.split("/")[-1]}
 
-Supervised fine-tune of `{cfg.policy_name}` on the `chosen` conversations of `{cfg.dataset.dataset_name}`
-(`{cfg.dataset.subset}`), in the Llama-3 chat format, as the reference model for a DPO stage. The loss is
-on every assistant turn and its `<|eot_id|>`; prompts, headers and padding are masked.
+Supervised fine-tune of `{cfg.policy_name}` on {trained_on(cfg, metrics)}, in the Llama-3 chat format, as the
+reference model for a DPO stage. The loss is on every assistant turn and its `<|eot_id|>`; prompts, headers and
+padding are masked.
 {_method(t.lora)}
 
 ## Data
-- rows read {data["rows_read"]}, kept {data["rows_kept"]}; dropped: {dropped}
+- rows read {data["rows_read"]}, kept {data["rows_kept"]}; dropped: {dropped}{source_rows(metrics)}
 - {metrics["train_conversations"]} train / {metrics["eval_conversations"]} eval conversations
   (val_ratio {cfg.dataset.val_ratio}, seed {cfg.dataset.seed}); max_length {t.max_length}
   ({_count(data["truncated"], "row")} cut)

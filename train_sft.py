@@ -66,8 +66,17 @@ class Prepared:
     split: Any  # DatasetDict with "train" and "test" (conversations, tokenized)
     resume_from: str | None
     fingerprint: dict  # save_dir_contract.run_fingerprint: checked on resume, written into each checkpoint
-    raw: Any  # the HH rows read (the readiness report scores the eval split's preference pairs)
+    raw: Any  # dataset.dataset_name's rows (the readiness report scores its held-out preference pairs)
     finished: dict | None = None  # --readiness: the finished run's metrics.json
+    sources: list = ()  # data_process_sft.Source of each dataset trained on
+    readiness_source: int | None = 0  # which of them is dataset.dataset_name (None: none, so no row was trained)
+
+    def held_out_rows(self) -> list[int]:
+        """dataset.dataset_name's rows that were not trained: its eval-split rows, or all when not a source."""
+        if self.readiness_source is None:
+            return list(range(len(self.raw)))
+        test = self.split["test"]
+        return [row for row, source in zip(test["row"], test["source"]) if source == self.readiness_source]
 
 
 def main(argv=None) -> int:
@@ -177,12 +186,12 @@ def prepare(run: Run) -> Prepared:
             else:
                 resume_from = contract.last_complete_checkpoint(t.save_dir)
             tokenizer = prepare_tokenizer(dp.load_tokenizer(cfg.policy_name))
-            raw = dp.load_rows(cfg.dataset.dataset_name, cfg.dataset.subset)
-            if run.mode.max_steps > 0:
-                raw = raw.select(range(min(len(raw), dry_run_rows(cfg))))
             collator = (dp.VarlenCollator if t.padding_free else dp.CompletionOnlyCollator)(tokenizer)
-            data, report = dp.build_sft_dataset(raw, tokenizer, max_length=t.max_length,
-                                                num_proc=t.dataset_num_proc, collator=collator, return_report=True)
+            data, report, sources = dp.build_sft_mixture(
+                cfg, tokenizer, collator, slice_rows=dry_run_rows(cfg) if run.mode.max_steps > 0 else None)
+            dpo_data = (cfg.dataset.dataset_name, cfg.dataset.subset)
+            which = next((i for i, s in enumerate(sources) if (s.dataset_name, s.subset) == dpo_data), None)
+            raw = sources[which].raw if which is not None else dp.load_rows(*dpo_data)
             dp.check_split_sizes(cfg, len(data), report)
             note = check_vocabulary(f"policy_name {cfg.policy_name}", tokenizer, model_vocab_size(cfg.policy_name),
                                     dp.max_token_id(data), holds="the data's token ids")
@@ -196,7 +205,7 @@ def prepare(run: Run) -> Prepared:
     if first_error:  # the main process's refusal, said by every process (no rank left waiting in a collective)
         raise ConfigError(first_error)
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
-    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw, finished)
+    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw, finished, sources, which)
 
 
 # --- trainer ----------------------------------------------------------------------------------------------------
@@ -216,7 +225,8 @@ def build_trainer(run: Run, prepared: Prepared):
                                max_steps=run.mode.max_steps, collator=prepared.collator,
                                sample_prompts=held_out_prompts(eval_head, t.sample_prompts))
     if trainer.is_world_process_zero():
-        print(start_summary(cfg, trainer, prepared.report, prepared.split, len(trainer.train_dataset)))
+        print(start_summary(cfg, trainer, prepared.report, prepared.split, len(trainer.train_dataset),
+                            prepared.sources))
         if kernel_note:
             print(f"  GPU: {kernel_note}")
         if attention_note:
@@ -280,7 +290,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     if not trainer.is_world_process_zero():
         return 0
     metrics = sft_report.collect_metrics(cfg, trainer, prepared.report, prepared.split, final_eval,
-                                         time.time() - start)
+                                         time.time() - start, prepared.sources)
     metrics["readiness"] = readiness(run, prepared, step=trainer.state.global_step)
     held_out = prepared.split["test"].select(range(min(32, len(prepared.split["test"]))))["messages"]
     sft_report.write_report(cfg, trainer, prepared.tokenizer, held_out, metrics)
@@ -301,7 +311,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
 def readiness(run: Run, prepared: Prepared, step: int) -> dict | None:
     from sft_report import readiness_report
 
-    return readiness_report(run.cfg, prepared.raw, prepared.split["test"]["row"], prepared.tokenizer, step)
+    return readiness_report(run.cfg, prepared.raw, prepared.held_out_rows(), prepared.tokenizer, step)
 
 
 def readiness_only(run: Run, prepared: Prepared) -> int:

@@ -6,11 +6,11 @@ import json
 
 import pytest
 from safetensors.torch import load_file
-from test_save_dir import injected
 
 import save_dir_contract as contract
 from conftest import real_checkpoint, run_cli, write_config
 from sft_config import ConfigError
+from test_save_dir import injected
 
 # A max_steps run that stops mid-epoch (96 rows in batches of 4: ~20 steps an epoch), at a constant learning rate,
 # so one step too many shows in the weights.

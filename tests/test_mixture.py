@@ -1,0 +1,110 @@
+"""Several datasets in one run (sft_training.datasets): each source read and reported on its own, its fraction of
+rows drawn with the run's seed, the sources mixed; dataset.dataset_name stays what the readiness report scores; a
+bad entry is one line before torch."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REAL_HH, assert_ok, run_cli, run_traced, write_config
+from data_process_sft import build_sft_mixture, load_raw_dataset
+from sft_config import load_config
+from test_formats import converted
+
+
+def with_sources(config, sources, **dataset):
+    raw = yaml.safe_load(config.read_text())
+    raw["sft_training"]["datasets"] = sources
+    raw["dataset"].update(dataset)
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+@pytest.fixture
+def hh_and_messages(tmp_path):
+    """The first 96 shipped HH rows, and the same rows as a `messages` .jsonl."""
+    hh = tmp_path / "hh.jsonl"
+    rows = list(load_raw_dataset(str(REAL_HH), "train[:96]"))
+    hh.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return hh, converted(tmp_path, "messages", rows)
+
+
+@pytest.mark.slow
+def test_a_mixture_trains_on_both_sources_and_reports_each_while_readiness_scores_the_dpo_data(
+        tmp_path, small_base_dir, hh_and_messages):
+    hh, messages = hh_and_messages
+    config = with_sources(write_config(tmp_path, small_base_dir, readiness_pairs=16, max_length=128),
+                          [{"dataset_name": str(hh), "subset": "train"},
+                           {"dataset_name": str(messages), "subset": "train"}], dataset_name=str(hh), subset="train")
+    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    assert f"    source 0: {hh} [train]: format HH text; rows read 96" in out
+    assert f"    source 1: {messages} [train]: format messages (TRL conversational); rows read 96" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    first, second = metrics["sources"]
+    assert first["rows_kept"] == second["rows_kept"] > 80  # the same conversations, twice
+    (tmp_path / "one").mkdir()
+    single = build_sft_mixture(load_config(str(write_config(tmp_path / "one", small_base_dir, max_length=128)))
+                               .replace(datasets=[{"dataset_name": str(hh), "subset": "train"}]),
+                               *tokenizer_and_collator(small_base_dir))[1]
+    assert metrics["data"]["tokens"] == 2 * single.tokens  # the token count of both sources
+    assert metrics["train_conversations"] + metrics["eval_conversations"] == 2 * first["rows_kept"]
+    assert metrics["readiness"]["pairs"] > 0  # dataset.dataset_name's held-out pairs
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "a mixture of 2 datasets (listed under Data)" in card and f"`{messages}` (`train`)" in card
+
+
+def tokenizer_and_collator(base):
+    from data_process_sft import CompletionOnlyCollator, load_tokenizer
+    from model_io import prepare_tokenizer
+
+    tokenizer = prepare_tokenizer(load_tokenizer(str(base)))
+    return tokenizer, CompletionOnlyCollator(tokenizer)
+
+
+def test_a_fraction_takes_that_share_of_a_sources_rows_the_same_ones_for_the_same_seed(tmp_path, small_base_dir,
+                                                                                       hh_and_messages):
+    hh, _ = hh_and_messages
+    cfg = load_config(str(write_config(tmp_path, small_base_dir, max_length=128)))
+    tokenizer, collator = tokenizer_and_collator(small_base_dir)
+
+    def taken(seed, fraction=0.5):
+        mixed = cfg.replace(seed=seed, datasets=[{"dataset_name": str(hh), "subset": "train", "fraction": fraction}])
+        _, _, (source,) = build_sft_mixture(mixed, tokenizer, collator)
+        return source.rows
+
+    half = taken(1)
+    assert len(half) == 48 and len(set(half)) == 48 and set(half) <= set(range(96))
+    assert np.array_equal(taken(1), half) and not np.array_equal(taken(2), half)
+    assert len(taken(1, fraction=1.0)) == 96
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize(("sources", "said"), [
+    ([], "sft_training.datasets: must have at least 1 item(s), got []"),
+    ([{"dataset_name": "HH", "fracton": 0.5}], "unknown key 'fracton' in 'sft_training.datasets.0' (did you mean "
+                                              "'fraction'?)"),
+    ([{"dataset_name": "HH", "fraction": 0}], "sft_training.datasets.0.fraction: must be greater than 0, got 0"),
+    ([{"dataset_name": "HH", "fraction": 1.5}], "sft_training.datasets.0.fraction: must be at most 1, got 1.5"),
+    ([{"subset": "train"}], "missing required key 'dataset_name' in 'sft_training.datasets.0'"),
+    ([{"dataset_name": "HH"}, {"dataset_name": "missing.jsonl"}],
+     "sft_training.datasets.1.dataset_name: no such file or folder: missing.jsonl")])
+def test_a_bad_entry_is_one_line_naming_it_before_torch(tmp_path, small_base_dir, hh_and_messages, sources, said):
+    hh, _ = hh_and_messages
+    sources = [{**s, "dataset_name": str(hh)} if s.get("dataset_name") == "HH" else s for s in sources]
+    config = with_sources(write_config(tmp_path, small_base_dir), sources)
+    result, trace = run_traced("--config", str(config), tmp_path=tmp_path, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == f"error: {said}\n"
+    assert "torch" not in trace["imported"]
+
+
+def test_a_source_that_yields_no_rows_is_one_line_naming_it(tmp_path, small_base_dir):
+    from sft_config import ConfigError
+
+    empty = tmp_path / "assistant-less.jsonl"
+    empty.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    cfg = load_config(str(write_config(tmp_path, small_base_dir))).replace(
+        datasets=[{"dataset_name": str(empty), "subset": "train"}])
+    with pytest.raises(ConfigError, match=rf"^sft_training\.datasets\.0 \({empty} \[train\]\): no usable rows \("):
+        build_sft_mixture(cfg, *tokenizer_and_collator(small_base_dir))
