@@ -168,6 +168,22 @@ def build_sft_mixture(cfg, tokenizer, collator, slice_rows: int | None = None):
     return mixed, chat.merge_reports([s.report for s in sources], read_columns(mixed, "length")["length"]), sources
 
 
+def dpo_rows(cfg, sources: list[Source]):
+    """dataset.dataset_name's rows (the DPO stage's data, what the readiness report scores) and which source they
+    are (None: not trained on)."""
+    dpo_data = (cfg.dataset.dataset_name, cfg.dataset.subset)
+    which = next((i for i, s in enumerate(sources) if (s.dataset_name, s.subset) == dpo_data), None)
+    return (sources[which].raw if which is not None else load_rows(*dpo_data)), which
+
+
+def held_out_rows(eval_split, n_rows: int, which: int | None) -> list[int]:
+    """The DPO data's rows never trained: those of its source in the eval split, or all `n_rows` when it is not a
+    source."""
+    if which is None:
+        return list(range(n_rows))
+    return [row for row, source in zip(eval_split["row"], eval_split["source"]) if source == which]
+
+
 def check_split_sizes(cfg, rows: int, report) -> None:
     """The train/eval split of `rows` usable conversations must leave both sides non-empty (datasets would
     raise deep inside train_test_split)."""

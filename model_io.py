@@ -171,14 +171,17 @@ def held_out_prompts(conversations, n: int) -> list[tuple[list[dict], str]]:
     return [(messages[:-1], messages[-1]["content"]) for messages in conversations if len(messages) > 1][:n]
 
 
-def greedy_reply(model, tokenizer, prompt: list[dict], max_new_tokens: int) -> tuple[str, bool]:
-    """The model's greedy reply to a chat prompt, and whether it stopped at an eos (<|eot_id|>) on its own."""
+def model_reply(model, tokenizer, prompt: list[dict], max_new_tokens: int,
+                temperature: float = 0.0) -> tuple[str, bool]:
+    """The model's reply to a chat prompt (greedy, or sampled at `temperature` > 0), and whether it stopped at an
+    eos (<|eot_id|>) on its own rather than at max_new_tokens: samples, the demo and --chat."""
     import torch
 
     inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True).to(model.device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, **sampling)
     new = out[0, inputs["input_ids"].shape[1]:]
     eos = model.generation_config.eos_token_id
     stopped = bool(len(new)) and new[-1].item() in (eos if isinstance(eos, list) else [eos])

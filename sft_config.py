@@ -340,6 +340,17 @@ def key_for(name: str) -> str | None:
     return sections[0] if sections else KNOWN_AS.get(name)
 
 
+def flag_as_key(args: list[str], flags: set[str]) -> str | None:
+    """How a config key given as a flag (`--learning_rate 1e-5`, as TRL scripts take it) is set here; None when no
+    argument is one."""
+    for i, token in enumerate(args):
+        flag, _, inline = token.partition("=")
+        if token.startswith("--") and flag not in flags and (key := key_for(flag[2:])):
+            value = inline or (args[i + 1] if i + 1 < len(args) else "VALUE")
+            return f"{flag} is not an option here: config keys are set as section.key=value, e.g. {key}={value}"
+    return None
+
+
 def _unknown(key: str, known: list[str], where: str) -> str:
     if str(key) in KNOWN_AS:
         return (f"unknown key '{key}' in {where} (did you mean '{KNOWN_AS[key]}'? '{key}' is its name in "

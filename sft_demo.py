@@ -12,7 +12,7 @@ import math
 import os
 
 import data_process_sft as dp
-from model_io import build_random_llama
+from model_io import build_random_llama, model_reply
 from save_dir_contract import MODEL_FILES, run_file
 from sft_config import Config
 
@@ -93,8 +93,6 @@ def demo_reply(save_dir: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(save_dir)
     model = AutoModelForCausalLM.from_pretrained(save_dir)
     question = [{"role": "user", "content": "How do I keep my tomato plants healthy?"}]
-    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
-    out = model.generate(**prompt, max_new_tokens=40, do_sample=False)
-    reply = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"Reloaded {save_dir}.\nUser: {question[0]['content']}\nAssistant: {reply.strip()}")
+    reply, _ = model_reply(model, tokenizer, question, max_new_tokens=40)
+    print(f"Reloaded {save_dir}.\nUser: {question[0]['content']}\nAssistant: {reply}\n"
+          f"Talk to it: python train_sft.py --chat {save_dir}")

@@ -15,7 +15,7 @@ import sys
 
 import hh_sft_chat as chat
 from data_process_sft import read_columns
-from model_io import greedy_reply, held_out_prompts
+from model_io import held_out_prompts, model_reply
 from run_env import sharding_requested
 from save_dir_contract import OURS, checkpoint_step, run_file, size, write_whole
 from sft_config import Config
@@ -204,6 +204,12 @@ def best_row(metrics: dict) -> str:
     return f"\n| best eval loss (step {best['step']}: {which}) | {best['eval_loss']:.4f} |"
 
 
+def evaluated_at_last_step(trainer) -> bool:
+    """Whether the run's last step was evaluated already (the final report then reuses those numbers)."""
+    history = trainer.state.log_history
+    return max((h["step"] for h in history if "eval_loss" in h), default=-1) == trainer.state.global_step
+
+
 def stopped_early(trainer) -> bool:
     """Whether transformers' EarlyStoppingCallback ended the run (its patience ran out)."""
     from transformers import EarlyStoppingCallback
@@ -298,7 +304,7 @@ def write_samples(model, tokenizer, eval_messages, path: str, n: int = 4, max_ne
     model.eval()
     with open(path, "w", encoding="utf-8") as f:
         for prompt, reference in held_out_prompts(eval_messages, n):
-            reply, stopped = greedy_reply(model, tokenizer, prompt, max_new_tokens)
+            reply, stopped = model_reply(model, tokenizer, prompt, max_new_tokens)
             f.write(json.dumps({"prompt": prompt, "reply": reply, "stopped_at_eot": stopped,
                                 "reference": reference}, ensure_ascii=False) + "\n")
 

@@ -273,7 +273,7 @@ class SampleReplies(TrainerCallback):
             return
         import time
 
-        from model_io import greedy_reply
+        from model_io import model_reply
 
         training = model.training
         try:
@@ -281,7 +281,7 @@ class SampleReplies(TrainerCallback):
             rows = []
             for prompt, reference in self.prompts:  # samples.jsonl's schema, plus the step and the time taken
                 start = time.perf_counter()
-                reply, stopped = greedy_reply(model, processing_class, prompt, self.MAX_NEW_TOKENS)
+                reply, stopped = model_reply(model, processing_class, prompt, self.MAX_NEW_TOKENS)
                 rows.append({"step": state.global_step, "prompt": prompt, "reply": reply, "stopped_at_eot": stopped,
                              "reference": reference, "generate_s": round(time.perf_counter() - start, 3)})
             with open(self.path, "a", encoding="utf-8") as f:

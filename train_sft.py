@@ -4,10 +4,10 @@
     python train_sft.py --config config_dpo.yaml sft_training.learning_rate=1e-5 sft_training.epochs=2
     python train_sft.py --config config_dpo.yaml --dry-run  # ~10 steps on a small slice, then artifact checks
     python train_sft.py --demo                              # offline: tiny local Llama + the shipped sample
+    python train_sft.py --config config_dpo.yaml --chat     # talk to the saved model (stdin; /reset, empty line)
 
 `main()` is the recipe: config -> prepare (save_dir, tokenizer, data) -> trainer -> train -> finish (save,
-readiness, report, push). Below it: sft_config (schema), run_env (pre-flight), save_dir_contract (save_dir),
-data_process_sft (data), model_io (model files), sft_trainer, sft_readiness, sft_report, sft_demo.
+readiness, report, push). The modules below it: docs/code-map.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import run_env
 import save_dir_contract as contract
-from sft_config import Config, ConfigError, apply_global_batch, key_for, load_config
+from sft_config import Config, ConfigError, apply_global_batch, flag_as_key, load_config
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_demo.yaml")
 
@@ -69,19 +69,16 @@ class Prepared:
     raw: Any  # dataset.dataset_name's rows (the readiness report scores its held-out preference pairs)
     finished: dict | None = None  # --readiness: the finished run's metrics.json
     sources: list = ()  # data_process_sft.Source of each dataset trained on
-    readiness_source: int | None = 0  # which of them is dataset.dataset_name (None: none, so no row was trained)
-
-    def held_out_rows(self) -> list[int]:
-        """dataset.dataset_name's rows that were not trained: its eval-split rows, or all when not a source."""
-        if self.readiness_source is None:
-            return list(range(len(self.raw)))
-        test = self.split["test"]
-        return [row for row, source in zip(test["row"], test["source"]) if source == self.readiness_source]
+    held_out: list = ()  # the rows of `raw` never trained (readiness scores their pairs)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_log_levels(logging.INFO)
+    if args.chat is not None:
+        from sft_chat import command
+
+        return command(args.chat or None, args.config, args.overrides, args.temperature, args.max_new_tokens)
     start = time.time()
     try:
         run = resolve_run(args)
@@ -122,20 +119,19 @@ def parse_args(argv):
                         help="offline demo: tiny local Llama + shipped sample (replaces the previous demo output)")
     parser.add_argument("--readiness", action="store_true",
                         help="no training: score held-out preference pairs with the finished model in save_dir")
+    parser.add_argument("--chat", nargs="?", const="", metavar="DIR",
+                        help="no training: talk to the finished model in save_dir (or DIR), one line of stdin a turn")
+    parser.add_argument("--temperature", type=float, default=0.0, help="--chat: 0 is greedy (default)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="--chat: reply length limit (256)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start fresh: delete save_dir's checkpoints instead of resuming, train over a saved model")
     flags = {option for action in parser._actions for option in action.option_strings}
-    args = sys.argv[1:] if argv is None else argv
-    for i, token in enumerate(args):  # `--learning_rate 1e-5`, as TRL scripts take it: say how it is set here
-        name, _, inline = token[2:].partition("=")
-        if token.startswith("--") and token.split("=")[0] not in flags and (key := key_for(name)):
-            value = inline or (args[i + 1] if i + 1 < len(args) else "VALUE")
-            sys.stderr.write(f"error: {token.split('=')[0]} is not an option here: config keys are set as "
-                             f"section.key=value, e.g. {key}={value}\n")
-            sys.exit(2)
+    if hint := flag_as_key(sys.argv[1:] if argv is None else argv, flags):  # `--learning_rate 1e-5`, as TRL takes it
+        sys.stderr.write(f"error: {hint}\n")
+        sys.exit(2)
     parsed = parser.parse_intermixed_args(argv)  # overrides may follow --dry-run or --readiness
     modes = [flag for flag, on in (("--demo", parsed.demo), ("--dry-run", parsed.dry_run),
-                                   ("--readiness", parsed.readiness)) if on]
+                                   ("--readiness", parsed.readiness), ("--chat", parsed.chat is not None)) if on]
     if len(modes) > 1:  # each would be half-ignored (--demo --readiness retrained and replaced the demo's model)
         sys.stderr.write(f"error: {' and '.join(modes)} are separate modes: pass one (the demo's model is scored "
                          "with: --config config_demo.yaml --readiness)\n")
@@ -189,9 +185,7 @@ def prepare(run: Run) -> Prepared:
             collator = (dp.VarlenCollator if t.padding_free else dp.CompletionOnlyCollator)(tokenizer)
             data, report, sources = dp.build_sft_mixture(
                 cfg, tokenizer, collator, slice_rows=dry_run_rows(cfg) if run.mode.max_steps > 0 else None)
-            dpo_data = (cfg.dataset.dataset_name, cfg.dataset.subset)
-            which = next((i for i, s in enumerate(sources) if (s.dataset_name, s.subset) == dpo_data), None)
-            raw = sources[which].raw if which is not None else dp.load_rows(*dpo_data)
+            raw, which = dp.dpo_rows(cfg, sources)
             dp.check_split_sizes(cfg, len(data), report)
             note = check_vocabulary(f"policy_name {cfg.policy_name}", tokenizer, model_vocab_size(cfg.policy_name),
                                     dp.max_token_id(data), holds="the data's token ids")
@@ -205,7 +199,8 @@ def prepare(run: Run) -> Prepared:
     if first_error:  # the main process's refusal, said by every process (no rank left waiting in a collective)
         raise ConfigError(first_error)
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
-    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw, finished, sources, which)
+    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw, finished, sources,
+                    dp.held_out_rows(split["test"], len(raw), which))
 
 
 # --- trainer ----------------------------------------------------------------------------------------------------
@@ -275,7 +270,8 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     from model_io import push_final_model, save_final_model
 
     cfg, t = run.cfg, run.cfg.sft_training
-    final_eval = trainer.evaluate() if run.mode.max_steps > 0 or t.load_best or not _just_evaluated(trainer) else {}
+    fresh = run.mode.max_steps > 0 or t.load_best or not sft_report.evaluated_at_last_step(trainer)
+    final_eval = trainer.evaluate() if fresh else {}
     try:
         save_final_model(trainer, prepared.tokenizer, t.save_dir, cfg.precision)
     except (OSError, RuntimeError) as e:  # the final save filled the disk: one line; a rerun finishes it
@@ -311,7 +307,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
 def readiness(run: Run, prepared: Prepared, step: int) -> dict | None:
     from sft_report import readiness_report
 
-    return readiness_report(run.cfg, prepared.raw, prepared.held_out_rows(), prepared.tokenizer, step)
+    return readiness_report(run.cfg, prepared.raw, prepared.held_out, prepared.tokenizer, step)
 
 
 def readiness_only(run: Run, prepared: Prepared) -> int:
@@ -344,12 +340,6 @@ def _after_save(run: Run) -> int:
     import sft_demo
 
     return getattr(sft_demo, run.mode.then)(run.cfg.sft_training.save_dir) or 0
-
-
-def _just_evaluated(trainer) -> bool:
-    history = trainer.state.log_history
-    last_eval = max((h["step"] for h in history if "eval_loss" in h), default=-1)
-    return last_eval == trainer.state.global_step
 
 
 if __name__ == "__main__":

@@ -293,3 +293,20 @@ def _release_save_dir_locks():
 
     for path in list(save_dir_contract._LOCKS):
         save_dir_contract.unlock_save_dir(os.path.dirname(path))
+
+
+def chat_with(*args, lines: str, cwd=REPO, script=REPO / "train_sft.py"):
+    """`train_sft.py --chat ...` with `lines` piped to its stdin, as a user's pipe gives them."""
+    return subprocess.run([sys.executable, str(script), *args], input=lines, cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_replies(result, n: int, max_new_tokens: int) -> list[str]:
+    """Exit 0, one `assistant:` reply per user line, each followed by how it ended; returns the replies."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    replies = [i for i, line in enumerate(lines) if line.startswith("assistant: ")]
+    assert len(replies) == n, result.stdout
+    for i in replies:
+        assert lines[i + 1] in ("  [stopped at <|eot_id|>]", f"  [cut at max_new_tokens {max_new_tokens}]")
+    return [lines[i] for i in replies]

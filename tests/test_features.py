@@ -99,7 +99,7 @@ def test_samples_while_training_are_written_at_each_eval_and_never_fail_the_run(
 
     import model_io
 
-    monkeypatch.setattr(model_io, "greedy_reply", lambda *a: 1 / 0)
+    monkeypatch.setattr(model_io, "model_reply", lambda *a: 1 / 0)
     failing = evaluating_trainer(tmp_path / "failing", steps=4)
     failing.add_callback(SampleReplies(prompts, str(tmp_path / "failing" / "out")))
     failing.train()  # the run finishes
@@ -190,7 +190,7 @@ def test_samples_of_a_step_are_written_once_and_none_after_training(tmp_path, mo
     import model_io
     from sft_trainer import SampleReplies
 
-    monkeypatch.setattr(model_io, "greedy_reply", lambda *a: ("a reply", True))
+    monkeypatch.setattr(model_io, "model_reply", lambda *a: ("a reply", True))
     path = tmp_path / "samples_during_training.jsonl"
     path.write_text(json.dumps({"step": 2, "prompt": "Q?", "reply": "before the kill"}) + "\n")
     callback = SampleReplies([([{"role": "user", "content": "Q?"}], "ref")], str(tmp_path))
@@ -266,7 +266,7 @@ def load_config_of(**sft):
 def test_stopped_at_eot_holds_for_a_list_of_stop_ids_and_held_out_prompts_need_a_prompt():
     import types
 
-    from model_io import greedy_reply, held_out_prompts
+    from model_io import held_out_prompts, model_reply
 
     tokenizer, _ = tiny_data()
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -278,7 +278,7 @@ def test_stopped_at_eot_holds_for_a_list_of_stop_ids_and_held_out_prompts_need_a
         def generate(self, input_ids, **kwargs):
             return torch.cat([input_ids, torch.tensor([[5, eot]])], dim=1)
 
-    reply, stopped = greedy_reply(Scripted(), tokenizer, [{"role": "user", "content": "Hi"}], 8)
+    reply, stopped = model_reply(Scripted(), tokenizer, [{"role": "user", "content": "Hi"}], 8)
     assert stopped is True
     assistant_first = [{"role": "assistant", "content": "Hello."}]
     usual = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]

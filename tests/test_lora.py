@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_ok, cli_env, run_cli, stack_env, write_config
+from conftest import assert_ok, assert_replies, chat_with, cli_env, run_cli, stack_env, write_config
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -89,3 +89,10 @@ def test_lora_under_torchrun_with_packing_and_gradient_checkpointing(tmp_path, s
 def test_a_bad_lora_key_is_one_line(tmp_path, small_base_dir, override, message):
     result = run_cli("--config", str(write_config(tmp_path, small_base_dir)), override, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_chat_with_the_merged_lora_model_replies_to_each_piped_line_until_eof(lora_run):
+    _, save_dir, _ = lora_run
+    result = chat_with("--chat", str(save_dir), "--max-new-tokens", "8", lines="Hi\nWhat is 2 + 2?\nThanks")
+    assert_replies(result, 3, max_new_tokens=8)  # EOF after the third line ended it

@@ -285,10 +285,10 @@ def test_samples_jsonl_holds_the_prompt_messages_the_reply_and_the_reference(tmp
         asked.append((prompt, max_new_tokens))
         return f"reply {len(asked)}", len(asked) == 1
 
-    monkeypatch.setattr(sft_report, "greedy_reply", reply)
+    monkeypatch.setattr(sft_report, "model_reply", reply)
     model = torch.nn.Linear(1, 1).train()
     asked_with = []
-    monkeypatch.setattr(sft_report, "greedy_reply", lambda *args: asked_with.append(args) or reply(*args))
+    monkeypatch.setattr(sft_report, "model_reply", lambda *args: asked_with.append(args) or reply(*args))
     conversations = [[{"role": "assistant", "content": "no prompt"}],
                      [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
                      [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Q"},

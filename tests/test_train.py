@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, assert_ok, cli_env, run_cli, write_config
+from conftest import REPO, assert_ok, assert_replies, chat_with, cli_env, run_cli, write_config
 from wandb_records import history
 
 FIVE_METRICS = ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "eval/accuracy")
@@ -85,6 +85,13 @@ def test_offline_demo_from_a_fresh_copy(tmp_path):
     save_dir = tmp_path / "demo_run" / "sft_model"
     assert (save_dir / "model.safetensors").is_file() and (save_dir / "training_curves.png").is_file()
     assert f"policy_name: {save_dir}" in (save_dir / "README.md").read_text()  # nothing was pushed: the folder
+    assert f"Talk to it: python train_sft.py --chat {'./demo_run/sft_model'}" in out
+    chat = chat_with("--config", "config_demo.yaml", "--chat", "--max-new-tokens", "12", cwd=tmp_path,
+                     script=tmp_path / "train_sft.py", lines="How do I keep tomatoes healthy?\nAnd roses?\n/reset\n"
+                                                             "Hi\n\nnever read\n")
+    assert_replies(chat, 3, max_new_tokens=12)  # the empty line ended it
+    assert "(conversation cleared)" in chat.stdout and chat.stdout.startswith(
+        "Chatting with ./demo_run/sft_model (greedy, up to 12 new tokens).")
     again = run(["--demo"], tmp_path, script=tmp_path / "train_sft.py")
     assert "Demo: replaces the previous demo output in ./demo_run/sft_model" in again
     assert "Reusing the demo's base model at ./demo_run/base_model" in again and "Built a tiny" not in again
