@@ -1,12 +1,6 @@
-"""Model and tokenizer files: what goes in, what comes out, and that it reads the same everywhere.
-
-    prepare_tokenizer()    a base Llama-3 tokenizer + the chat template and a pad token SFT needs
-    vocabulary_gap()       the token ids of the tokenizer that have no embedding row in the model
-    load_model()           the policy with fp32 master weights
-    save_final_model()     weights in `precision` (any launcher), tokenizer, generation config; atomic; portable
-    write_portable_files() make a transformers-5 folder load as the same model under transformers 4.57+
-    push_final_model()     upload the saved folder to the Hub
-    build_random_llama()   a random-weight base-model folder (tests, demo, benchmarks)
+"""Model and tokenizer files: what goes in, what comes out (weights in `precision` from any launcher, atomic,
+loadable by the DPO repo's transformers 4.57), and that it reads the same everywhere. docs/code-map.md lists
+the functions.
 """
 
 from __future__ import annotations
@@ -15,6 +9,7 @@ import json
 import os
 import re
 
+from hh_sft_chat import LLAMA3_END_OF_TURN
 from save_dir_contract import hub_ignore_patterns, publish, run_file, staging_dir, usual_file_modes
 from sft_config import ConfigError
 
@@ -30,7 +25,7 @@ def prepare_tokenizer(tokenizer):
 
     if not tokenizer.chat_template:
         tokenizer.chat_template = llama3_chat_template
-    if tokenizer.pad_token is None or tokenizer.pad_token == "<|eot_id|>":
+    if tokenizer.pad_token is None or tokenizer.pad_token == LLAMA3_END_OF_TURN:
         vocab = tokenizer.get_vocab()
         reserved = sorted((t for t in vocab if re.fullmatch(r"<\|reserved_special_token_\d+\|>", t)),
                           key=lambda t: int(re.search(r"\d+", t).group()))
@@ -39,7 +34,8 @@ def prepare_tokenizer(tokenizer):
         if pad is None:
             raise ConfigError("the tokenizer has no <|finetune_right_pad_id|> or reserved token to pad with")
         tokenizer.pad_token = pad
-    missing = [t for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>") if t not in tokenizer.get_vocab()]
+    vocabulary = tokenizer.get_vocab()
+    missing = [t for t in ("<|start_header_id|>", "<|end_header_id|>", LLAMA3_END_OF_TURN) if t not in vocabulary]
     if missing:
         raise ConfigError(f"the tokenizer lacks the Llama-3 chat tokens {', '.join(missing)}")
     return tokenizer
@@ -199,7 +195,7 @@ def stop_token_ids(tokenizer, base_eos) -> list[int]:
     """Generation stops at <|eot_id|> (the end of an assistant turn, what SFT taught) and still at the base
     model's own eos (<|end_of_text|>), whichever eos the tokenizer at hand names."""
     base = base_eos if isinstance(base_eos, list) else [base_eos]
-    ids = [tokenizer.convert_tokens_to_ids("<|eot_id|>"), *base, tokenizer.eos_token_id]
+    ids = [tokenizer.convert_tokens_to_ids(LLAMA3_END_OF_TURN), *base, tokenizer.eos_token_id]
     return [i for i in dict.fromkeys(ids) if i is not None]
 
 

@@ -31,7 +31,7 @@ from sft_config import Config, ConfigError
 DEMO_BASE = "./demo_run/base_model"  # config_demo.yaml's policy_name, built by `python train_sft.py --demo`
 
 # Major versions this stage runs on (tested: transformers 5.24.0, trl 1.16.0). It uses transformers 5 names
-# (`dtype=`, `activation_checkpointing`, `train_sampling_strategy`) and TRL 1.x's SFTTrainer internals.
+# (`dtype=`, `activation_checkpointing`) and TRL 1.x's SFTTrainer internals.
 SUPPORTED = {"transformers": (5, 6), "trl": (1, 2)}
 
 

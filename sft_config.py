@@ -29,7 +29,6 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torc
               "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
-DPO_SECTIONS = ("ref_name", "dpo_training", "risk_test", "beta_update", "margin_log")  # read by the DPO stage only
 
 
 class ConfigError(ValueError):

@@ -12,6 +12,7 @@ import math
 import os
 
 import data_process_sft as dp
+from hh_sft_chat import LLAMA3_END_OF_TURN
 from model_io import build_random_llama, model_reply
 from save_dir_contract import MODEL_FILES, run_file
 from sft_config import Config
@@ -75,7 +76,7 @@ def train_llama3_style_tokenizer(texts, vocab_size: int):
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>"]
+                "<|end_header_id|>", LLAMA3_END_OF_TURN]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

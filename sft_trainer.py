@@ -1,13 +1,5 @@
-"""The trainer: TRL's SFTTrainer plus what a long unattended run needs, and the config that drives it.
-
-    build_sft_config(cfg)        the `sft_training` section as TRL's SFTConfig (one place, every key)
-    prefer_fast_attention()      on CUDA, SDPA without its cuDNN backend (measured 1.6x on the default path)
-    attention_implementation()   the attention the model loads with (padding_free: varlen attention)
-    batches_ready(data, ...)     the columns the trainer reads (length-grouped or packed)
-    SFTRunTrainer                SFTTrainer + signals, NaN/inf guard, token-weighted eval accuracy, our sampler,
-                                 the configured learning rate on resume
-    WriteRunFingerprint          each checkpoint records the settings that define the run
-    ConversationLengthSampler    batches of whole conversations of similar length, in random order
+"""The trainer: TRL's SFTTrainer plus what a long unattended run needs (SFTRunTrainer), the config that drives it
+(build_sft_config, one place for every key), and its assembly (assemble_trainer, the one place a trainer is built).
 """
 
 from __future__ import annotations
@@ -24,6 +16,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from data_process_sft import CompletionOnlyCollator, VarlenCollator, read_columns
+from hh_sft_chat import IGNORE_INDEX, LLAMA3_END_OF_TURN
 from save_dir_contract import FINGERPRINT_FILE, checkpoint_dir, run_file, usual_file_modes
 from sft_config import Config
 
@@ -133,21 +126,22 @@ def build_sft_config(cfg: Config, *, max_steps: int = -1) -> SFTConfig:
         use_cpu=not torch.cuda.is_available(),
         push_to_hub=False,  # pushed once, after the final save (see model_io.push_final_model)
         hub_model_id=t.hub_model_id,
-        eos_token="<|eot_id|>",
+        eos_token=LLAMA3_END_OF_TURN,
     )
 
 
 def prefer_fast_attention() -> str | None:
     """On CUDA, turn SDPA's cuDNN backend off (flash / memory-efficient kernels instead); a note, or None.
 
-    Measured on an H200 (torch 2.11, bf16, Llama-3.2-1B shape): SDPA picks cuDNN for a masked batch and pays its
-    per-shape set-up again for each new padded length, which length-grouped batches bring almost every step:
-    228 of 343 ms of CPU per step. With it off the default path went from 11.4k to 18.5k real tokens/s.
+    Measured once on an H200 (2026-11, torch 2.11, bf16, Llama-3.2-1B shape; not re-measured on the pinned
+    torch): SDPA picked cuDNN for a masked batch and paid its per-shape set-up again for each new padded length,
+    which length-grouped batches bring almost every step (228 of 343 ms of CPU per step); with it off the default
+    path went from 11.4k to 18.5k real tokens/s.
     """
     if not torch.cuda.is_available():
         return None
     torch.backends.cuda.enable_cudnn_sdp(False)
-    return "SDPA cuDNN backend off (its per-shape set-up cost 1.6x on varying padded lengths)"
+    return "SDPA cuDNN backend off (its per-shape set-up on varying padded lengths)"
 
 
 def attention_implementation(t) -> tuple[str | None, str | None]:
@@ -420,7 +414,7 @@ class SFTRunTrainer(SFTTrainer):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self.model.training:
             labels = inputs["labels"]
-            n = self.accelerator.gather_for_metrics((labels[:, 1:] != -100).sum()).sum().item()
+            n = self.accelerator.gather_for_metrics((labels[:, 1:] != IGNORE_INDEX).sum()).sum().item()
             self._eval_hits += self._metrics["eval"]["mean_token_accuracy"][-1] * n
             self._eval_tokens += n
         return result
