@@ -5,12 +5,19 @@ the functions.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from hh_sft_chat import LLAMA3_END_OF_TURN
-from save_dir_contract import hub_ignore_patterns, publish, run_file, staging_dir, usual_file_modes
+from save_dir_contract import (
+    hub_ignore_patterns,
+    publish,
+    read_json,
+    run_file,
+    staging_dir,
+    usual_file_modes,
+    write_whole,
+)
 from sft_config import ConfigError
 
 
@@ -100,31 +107,20 @@ def write_portable_files(folder: str) -> None:
     """
     config_path = os.path.join(folder, "config.json")
     if os.path.isfile(config_path):
-        config = _read_json(config_path)
+        config = read_json(config_path)
         rope = dict(config.get("rope_parameters") or {})
         if "rope_theta" in rope:
             config["rope_theta"] = rope.pop("rope_theta")
             config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
-            _write_json(config_path, config)
+            write_whole(config_path, config, sort_keys=True)
     tokenizer_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(tokenizer_path):
-        tokenizer_config = _read_json(tokenizer_path)
+        tokenizer_config = read_json(tokenizer_path)
         if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
             tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
         for key in ("is_local", "local_files_only"):
             tokenizer_config.pop(key, None)
-        _write_json(tokenizer_path, tokenizer_config)
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(path: str, value: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
+        write_whole(tokenizer_path, tokenizer_config, sort_keys=True)
 
 
 def save_final_model(trainer, tokenizer, save_dir: str, precision: str) -> None:
@@ -210,7 +206,8 @@ def cast_saved_weights(folder: str, dtype) -> None:
             save_file(tensors, path, metadata={"format": "pt"})
     config_path = os.path.join(folder, "config.json")
     if os.path.isfile(config_path):
-        _write_json(config_path, {**_read_json(config_path), "dtype": str(dtype).removeprefix("torch.")})
+        write_whole(config_path, {**read_json(config_path), "dtype": str(dtype).removeprefix("torch.")},
+                    sort_keys=True)
 
 
 def push_final_model(save_dir: str, hub_model_id: str) -> bool:

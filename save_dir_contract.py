@@ -119,7 +119,7 @@ def checkpoint_step(path: str) -> int:
     return int(CHECKPOINT.match(os.path.basename(path)).group(1))
 
 
-def _read_json(path: str):
+def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -129,7 +129,7 @@ def _is_complete(checkpoint: str) -> bool:
     checkpoint without both, readable, was cut short (resumed, it could mix two runs' settings unchecked)."""
     try:
         for name in ("trainer_state.json", FINGERPRINT_FILE):
-            _read_json(os.path.join(checkpoint, name))
+            read_json(os.path.join(checkpoint, name))
         return True
     except (OSError, ValueError):
         return False
@@ -158,7 +158,7 @@ def damage(checkpoint: str) -> str | None:
         return None
     if not any(name in names for name in WEIGHTS):
         return "it holds no model weights"
-    model_only = _read_json(os.path.join(checkpoint, FINGERPRINT_FILE)).get("sft_training.save_only_model")
+    model_only = read_json(os.path.join(checkpoint, FINGERPRINT_FILE)).get("sft_training.save_only_model")
     missing = [name for name in ("optimizer.pt", "scheduler.pt") if name not in names]
     if missing and model_only is False:
         return f"no {' or '.join(missing)}: a resume would restart AdamW and the schedule"
@@ -180,7 +180,7 @@ def is_ours(save_dir: str) -> bool:
     if any(os.path.exists(os.path.join(save_dir, name)) for name in (MARK, STAGING)):
         return True
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        report = _read_json(os.path.join(save_dir, "metrics.json"))
+        report = read_json(os.path.join(save_dir, "metrics.json"))
         if report.get("written_by") == OURS or "tokens_trained" in report:  # (tokens_trained: runs before the field)
             return True
     names = os.listdir(save_dir) if os.path.isdir(save_dir) else []
@@ -274,7 +274,7 @@ def prepare_save_dir(save_dir: str, overwrite: bool, epochs: int | None = None,
 
 def checkpoint_progress(checkpoint: str) -> tuple[int, float]:
     """(optimizer steps, epochs) a checkpoint's weights have, from its trainer_state.json."""
-    state = _read_json(os.path.join(checkpoint, "trainer_state.json"))
+    state = read_json(os.path.join(checkpoint, "trainer_state.json"))
     return int(state.get("global_step") or 0), float(state.get("epoch") or 0.0)
 
 
@@ -311,7 +311,7 @@ def _finished_run(save_dir: str, resume_from: str | None, epochs: int | None, ma
         return resume_from
     key = "max_steps" if max_steps else "epochs"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        done = _read_json(metrics)
+        done = read_json(metrics)
         steps = int(done["global_step"])
         trained = float(done.get("epochs_trained", done["config"]["sft_training"]["epochs"]))
         have, want = (f"{steps} steps", f"{max_steps} steps") if max_steps else \
@@ -383,10 +383,12 @@ def usual_file_modes(folder: str) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
-def write_whole(path: str, value: dict) -> None:
-    """Write a JSON file whole (a temporary file renamed into place): a reader never sees half of it."""
+def write_whole(path: str, value: dict, sort_keys: bool = False) -> None:
+    """Write a JSON file whole (a temporary file renamed into place): a reader never sees half of it. The one JSON
+    writer of save_dir (metrics.json, fingerprints, the config edits of the final save)."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
+        json.dump(value, f, indent=2, sort_keys=sort_keys)
+        f.write("\n")
     os.replace(path + ".tmp", path)
 
 
@@ -424,7 +426,7 @@ def finished_run(save_dir: str, cfg: Config) -> dict:
         raise ConfigError(f"sft_training.save_dir: {save_dir} holds no finished model to score; train first")
     path = os.path.join(save_dir, "metrics.json")
     try:
-        metrics = _read_json(path)
+        metrics = read_json(path)
         run = metrics["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} does not read as a finished run's report ({type(e).__name__}); --readiness "
@@ -469,7 +471,7 @@ def check_same_run(checkpoint: str | None, fingerprint: dict) -> None:
     path = os.path.join(checkpoint or "", FINGERPRINT_FILE)
     if checkpoint is None or not os.path.isfile(path):
         return
-    saved = _read_json(path)
+    saved = read_json(path)
     # (a key an older version did not record is not compared: its checkpoints stay resumable)
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in fingerprint.items() if k in saved and saved[k] != v]
     if changed:

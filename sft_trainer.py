@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from data_process_sft import CompletionOnlyCollator, VarlenCollator, read_columns
 from hh_sft_chat import IGNORE_INDEX, LLAMA3_END_OF_TURN
-from save_dir_contract import FINGERPRINT_FILE, checkpoint_dir, run_file, usual_file_modes
+from save_dir_contract import FINGERPRINT_FILE, checkpoint_dir, run_file, usual_file_modes, write_whole
 from sft_config import Config
 
 logger = logging.getLogger("train_sft")
@@ -304,8 +304,7 @@ class WriteRunFingerprint(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             checkpoint = checkpoint_dir(args.output_dir, state.global_step)
-            with open(os.path.join(checkpoint, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
-                json.dump(self.fingerprint, f, indent=2)
+            write_whole(os.path.join(checkpoint, FINGERPRINT_FILE), self.fingerprint)
             usual_file_modes(checkpoint)
 
 
