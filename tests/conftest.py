@@ -310,3 +310,13 @@ def assert_replies(result, n: int, max_new_tokens: int) -> list[str]:
     for i in replies:
         assert lines[i + 1] in ("  [stopped at <|eot_id|>]", f"  [cut at max_new_tokens {max_new_tokens}]")
     return [lines[i] for i in replies]
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (the kernel's SigCgt mask in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (sig - 1) & 1)

@@ -8,7 +8,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 import conftest
-from conftest import REPO, assert_ok, cli_env, run_cli
+from conftest import REPO, assert_ok, catches, cli_env, run_cli
 from sft_config import ConfigError, apply_global_batch, load_config
 
 
@@ -93,10 +93,13 @@ def rank_pid(agent_pid: int, rank: int) -> int | None:
     return None
 
 
-def signal_one_rank(tmp_path, small_base_dir, sig, delay):
-    """Start a 2-process torchrun run, send `sig` to rank 1 only `delay` s after training starts, wait for the
-    launcher to end (a guard against a hang, not a speed limit). Returns (launch command, env, stderr, rank pids)."""
+def signal_one_rank(tmp_path, small_base_dir, sig, after_steps: int):
+    """Start a 2-process torchrun run; once every rank has its SIGTERM handler installed (training has begun on
+    each, seen in /proc) and rank 0 has logged `after_steps` steps, send `sig` to rank 1 only; wait for the launcher
+    to end (a guard against a hang, not a speed limit). No fixed delay: on a loaded machine each state is waited
+    for. Returns (launch command, env, stderr, rank pids)."""
     import os
+    import signal
     import subprocess
     import time
 
@@ -107,29 +110,33 @@ def signal_one_rank(tmp_path, small_base_dir, sig, delay):
     out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out_file, "w") as stdout, open(err_file, "w") as stderr:
         agent = subprocess.Popen(launch, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
-    deadline = time.time() + 300
-    while "checkpoints and final model" not in out_file.read_text():
-        assert agent.poll() is None and time.time() < deadline, err_file.read_text()[-3000:]
-        time.sleep(0.05)
-    time.sleep(delay)
+
+    def wait_for(ready):
+        deadline = time.time() + 600
+        while not ready():
+            assert agent.poll() is None and time.time() < deadline, err_file.read_text()[-3000:]
+            time.sleep(0.05)
+
+    wait_for(lambda: None not in [rank_pid(agent.pid, rank) for rank in (0, 1)])
     pids = [rank_pid(agent.pid, rank) for rank in (0, 1)]
-    assert None not in pids
+    wait_for(lambda: all(catches(pid, signal.SIGTERM) for pid in pids))
+    wait_for(lambda: (out_file.read_text() + err_file.read_text()).count("'loss'") >= after_steps)
     os.kill(pids[1], sig)
-    agent.wait(timeout=300)
+    agent.wait(timeout=600)
     return launch, env, err_file.read_text(), pids
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.5, 2.5])
+@pytest.mark.parametrize("after_steps", [0, 3], ids=["as-training-starts", "after-3-steps"])
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_launch_command_resumes(
-        tmp_path, small_base_dir, delay):
-    """SIGTERM to rank 1 only (what a scheduler that signals one node does), early or later in the run: every
-    rank stops at the same step, one complete checkpoint is written, no hang, no abort; the printed resume
-    command is torchrun's, printed once, and running it resumes from that checkpoint to the end."""
+        tmp_path, small_base_dir, after_steps):
+    """SIGTERM to rank 1 only (what a scheduler that signals one node does), as training starts on every rank or
+    later in the run: every rank stops at the same step, one complete checkpoint is written, no hang, no abort; the
+    printed resume command is torchrun's, printed once, and running it resumes from that checkpoint to the end."""
     import signal
     import subprocess
 
-    launch, env, err, _ = signal_one_rank(tmp_path, small_base_dir, signal.SIGTERM, delay)
+    launch, env, err, _ = signal_one_rank(tmp_path, small_base_dir, signal.SIGTERM, after_steps)
     assert "Aborted" not in err and "SIGABRT" not in err, err[-3000:]
     checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"))
     assert len(checkpoints) == 1, err[-3000:]
@@ -141,7 +148,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_launch_c
     step = int(checkpoints[0].name.split("-")[1])
     assert f"Stopped by SIGTERM at step {step}" in resume_lines[0]
 
-    if delay > 1:  # resumed once, from the later stop (the earlier one is the same mechanism)
+    if after_steps:  # resumed once, from the later stop (the earlier one is the same mechanism)
         resumed = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
                                  stdin=subprocess.DEVNULL)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -153,6 +160,6 @@ def test_kill_9_of_one_rank_ends_every_process(tmp_path, small_base_dir):
     import os
     import signal
 
-    _, _, err, pids = signal_one_rank(tmp_path, small_base_dir, signal.SIGKILL, 1.0)
+    _, _, err, pids = signal_one_rank(tmp_path, small_base_dir, signal.SIGKILL, 1)
     assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], err[-2000:]
     assert not list((tmp_path / "out").glob("checkpoint-*"))

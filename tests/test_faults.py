@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 import conftest
-from conftest import REPO, cli_env, real_checkpoint
+from conftest import REPO, catches, cli_env, real_checkpoint
 from model_io import prepare_tokenizer
 from save_dir_contract import prepare_save_dir
 from sft_config import ConfigError
@@ -102,7 +102,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, small_b
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit_non_zero(tmp_path, small_base_dir, sig):
     config = write_config(tmp_path, small_base_dir, save_steps=1000, epochs=50)  # no scheduled checkpoint
     proc, _, err_file = start_logged(config, tmp_path)
-    time.sleep(3)
+    wait_until(lambda: catches(proc.pid, signal.SIGTERM), proc)  # training has begun: our handlers are installed
     proc.send_signal(sig)
     proc.wait(timeout=300)
     err = err_file.read_text()
@@ -119,7 +119,7 @@ def test_a_second_signal_ends_the_run_at_once(tmp_path, base_model_dir):
     finish (batches of 16 x 256 tokens over the 128k vocabulary take seconds here)."""
     config = write_config(tmp_path, base_model_dir, save_steps=1000, epochs=50, batch_size=16, max_length=256)
     proc, _, err = start_logged(config, tmp_path)
-    time.sleep(2)
+    wait_until(lambda: catches(proc.pid, signal.SIGTERM), proc)  # training has begun: our handlers are installed
     proc.send_signal(signal.SIGINT)
     wait_until(lambda: "SIGINT received" in err.read_text(), proc)
     proc.send_signal(signal.SIGINT)
