@@ -556,8 +556,10 @@ def main(argv: list[str] | None = None) -> int:
                              help="overwrite files the handoff wrote that were edited since (their edits are lost)")
     check_cmd.add_argument("--model", type=Path, required=True, help="the folder train_sft.py saved")
     check_cmd.add_argument("--data", default=str(DEFAULT_DATA) if DEFAULT_DATA.exists() else "Anthropic/hh-rlhf",
-                           help="HH rows: a .jsonl(.gz)/.json/.parquet file or a Hub id (default: %(default)s)")
-    check_cmd.add_argument("-n", "--rows", type=int, default=64, help="HH rows to read (default: %(default)s)")
+                           help="preference rows, HH text (chosen/rejected) or TRL's conversational preference "
+                                "pairs (chosen/rejected message lists, an optional shared prompt): a "
+                                ".jsonl(.gz)/.json/.parquet file or a Hub id (default: %(default)s)")
+    check_cmd.add_argument("-n", "--rows", type=int, default=64, help="rows to read (default: %(default)s)")
     check_cmd.add_argument("--batch-size", type=int, default=4,
                            help="pairs per forward; the numbers do not depend on it (default: %(default)s)")
     check_cmd.add_argument("--report", type=Path, help="also write the per-pair numbers to this JSON file")

@@ -314,17 +314,26 @@ def _section_model(annotation) -> type[BaseModel] | None:
     return next((model for a in typing.get_args(annotation) if (model := _section_model(a)) is not None), None)
 
 
-# The names users bring from TRL/transformers, axolotl and torchtune for our keys: suggested by meaning, where
-# spelling would point elsewhere (`lr` is closest to `lora`).
+# The names users bring from other tools for our keys (suggested by meaning, where spelling would point elsewhere:
+# `lr` is closest to `lora`), with the tools whose configs use each name.
 KNOWN_AS = {
-    "lr": "sft_training.learning_rate", "num_train_epochs": "sft_training.epochs", "num_epochs": "sft_training.epochs",
-    "per_device_train_batch_size": "sft_training.batch_size", "micro_batch_size": "sft_training.batch_size",
-    "per_device_eval_batch_size": "sft_training.eval_batch_size",
-    "gradient_accumulation_steps": "sft_training.gradient_accumulation", "output_dir": "sft_training.save_dir",
-    "max_seq_length": "sft_training.max_length", "sequence_len": "sft_training.max_length",
-    "max_seq_len": "sft_training.max_length", "logging_steps": "sft_training.log_steps",
-    "lr_scheduler": "sft_training.lr_scheduler_type", "optimizer": "sft_training.optim",
-    "model_name_or_path": "policy_name", "base_model": "policy_name", "bf16": "precision",
+    "lr": ("sft_training.learning_rate", "torchtune"),
+    "num_train_epochs": ("sft_training.epochs", "TRL/transformers"),
+    "num_epochs": ("sft_training.epochs", "axolotl"),
+    "per_device_train_batch_size": ("sft_training.batch_size", "TRL/transformers"),
+    "micro_batch_size": ("sft_training.batch_size", "axolotl"),
+    "per_device_eval_batch_size": ("sft_training.eval_batch_size", "TRL/transformers"),
+    "gradient_accumulation_steps": ("sft_training.gradient_accumulation", "TRL/transformers, axolotl and torchtune"),
+    "output_dir": ("sft_training.save_dir", "TRL/transformers, axolotl and torchtune"),
+    "max_seq_length": ("sft_training.max_length", "older TRL (now max_length)"),
+    "sequence_len": ("sft_training.max_length", "axolotl"),
+    "max_seq_len": ("sft_training.max_length", "torchtune"),
+    "logging_steps": ("sft_training.log_steps", "TRL/transformers and axolotl"),
+    "lr_scheduler": ("sft_training.lr_scheduler_type", "axolotl"),
+    "optimizer": ("sft_training.optim", "axolotl and torchtune"),
+    "model_name_or_path": ("policy_name", "TRL/transformers"),
+    "base_model": ("policy_name", "axolotl"),
+    "bf16": ("precision", "TRL/transformers and axolotl"),
 }
 
 
@@ -336,7 +345,7 @@ def key_for(name: str) -> str | None:
         return name
     sections = [f"{section}.{name}" for section, field in Config.model_fields.items()
                 if name in getattr(_section_model(field.annotation), "model_fields", ())]
-    return sections[0] if sections else KNOWN_AS.get(name)
+    return sections[0] if sections else KNOWN_AS.get(name, (None,))[0]
 
 
 def flag_as_key(args: list[str], flags: set[str]) -> str | None:
@@ -352,8 +361,8 @@ def flag_as_key(args: list[str], flags: set[str]) -> str | None:
 
 def _unknown(key: str, known: list[str], where: str) -> str:
     if str(key) in KNOWN_AS:
-        return (f"unknown key '{key}' in {where} (did you mean '{KNOWN_AS[key]}'? '{key}' is its name in "
-                "TRL/axolotl/torchtune)")
+        ours, tools = KNOWN_AS[key]
+        return f"unknown key '{key}' in {where} (did you mean '{ours}'? '{key}' is its name in {tools})"
     close = difflib.get_close_matches(str(key), known, n=1)
     if not close and where == "top level":  # `epochs=1` on the command line: the key of a section
         close = [f"{name}.{key}" for name, field in Config.model_fields.items()

@@ -141,12 +141,23 @@ def wandb_metrics(report: dict) -> dict[str, float]:
             **{f"eval/ref_margin_{k}": v for k, v in report["margin_percentiles"].items()}}
 
 
-def summary_lines(report: dict) -> list[str]:
-    """The report as a few printed lines."""
+TOO_FEW = 50  # pairs under which the report's shares and percentiles are noise (one pair moves them by > 2%)
+
+
+def summary_lines(report: dict, max_length: int | None = None) -> list[str]:
+    """The report as a few printed lines, with how to read them; a report on fewer than TOO_FEW pairs says it is
+    too few to read, and how many pairs were left out for length."""
     if not report.get("pairs"):
         return ["Reference readiness: no held-out preference pairs to score"]
     p = report["margin_percentiles"]
+    left_out = report.get("pairs_over_max_length", 0)
+    caveat = []
+    if report["pairs"] < TOO_FEW:
+        why = (f"; {left_out} more were left out because a side is over max_length {max_length}" if left_out else "")
+        caveat = [f"  too few to read: {report['pairs']} pairs (under {TOO_FEW}, one pair moves a share by over 2%)"
+                  f"{why}; more held-out preference rows (a larger val_ratio or dataset) give a readable report"]
     return [
+        *caveat,
         f"Reference readiness ({report['pairs']} held-out pairs, {report['seconds']} s):",
         f"  chosen log-prob  SFT {report['sft_chosen_logp']:.2f}  base {report['base_chosen_logp']:.2f}  "
         f"(raised over base on {report['chosen_raised_share']:.0%} of pairs)",
@@ -155,4 +166,6 @@ def summary_lines(report: dict) -> list[str]:
         f"per token {report['pref_accuracy_per_token']:.0%}",
         f"  chosen-rejected margin  p5 {p['p5']:.2f}  p50 {p['p50']:.2f}  p95 {p['p95']:.2f}  "
         f"(std {report['margin_std']:.2f})",
+        "  reading it: chosen raised over the base on most pairs = SFT moved toward the preferred replies; a "
+        "preference accuracy far above 50% leaves DPO less to learn on these pairs (README: the readiness report)",
     ]

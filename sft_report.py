@@ -53,14 +53,22 @@ def start_summary(cfg: Config, trainer, report, split, n_train_rows: int, source
             f"max_length {t.max_length}, {'packing' if t.packing else 'length-grouped batches'}\n"
             f"  global batch {global_batch}{' rows' if t.packing else ''} = batch_size {t.batch_size} x "
             f"gradient_accumulation {t.gradient_accumulation} x {world} process(es)\n"
-            f"  schedule: learning_rate {args.learning_rate:g} ({t.lr_scheduler_type}, warmup {args.warmup_steps} "
-            f"steps, {args.optim}), "
+            f"  schedule: learning_rate {args.learning_rate:g} ({t.lr_scheduler_type}, {warmup_words(t, args)}, "
+            f"{t.optim}), "
             f"{f'max_steps: {steps}' if t.max_steps else f'epochs {t.epochs:g}, ~{steps}'} optimizer steps of "
             f"{global_batch}{' (max_steps sets the length, not epochs)' if t.max_steps else ''}\n"
             f"  parallel: {parallel_mode(trainer)}\n"
             f"  {training_mode(trainer, t.lora)}\n"
             f"{extras_line(t)}{dpo_reader_line(cfg, report)}"
             f"  W&B: {t.wandb_project or 'off'}; checkpoints and final model: {os.path.abspath(t.save_dir)}")
+
+
+def warmup_words(t, args) -> str:
+    """The warmup the schedule really has: transformers' `constant` ignores warmup_steps (the learning rate is full
+    from step 1), `constant_with_warmup` uses them."""
+    if t.lr_scheduler_type == "constant" and args.warmup_steps:
+        return f"no warmup: constant ignores warmup_steps {args.warmup_steps}, constant_with_warmup uses them"
+    return f"warmup {args.warmup_steps} steps"
 
 
 def dpo_reader_line(cfg: Config, report) -> str:
@@ -146,7 +154,12 @@ def readiness_report(cfg: Config, raw, eval_rows: list[int], tokenizer, step: in
     import sft_readiness as sr
 
     t = cfg.sft_training
-    if not t.readiness_pairs or "rejected" not in raw.column_names:
+    if not t.readiness_pairs:
+        return None
+    if "rejected" not in raw.column_names:
+        print(f"Reference readiness: skipped: {cfg.dataset.dataset_name} has no preference pairs (no `rejected`); "
+              "dataset.dataset_name with HH rows or conversational preference pairs gets it scored "
+              "(sft_training.readiness_pairs: 0 silences this line)")
         return None
     try:
         pairs = sr.held_out_pairs(raw, eval_rows, t.readiness_pairs)
@@ -155,7 +168,7 @@ def readiness_report(cfg: Config, raw, eval_rows: list[int], tokenizer, step: in
     except Exception as e:  # noqa: BLE001 (the model is saved: a report never fails the run)
         print(f"warning: reference readiness failed ({type(e).__name__}: {e}); the model is saved", file=sys.stderr)
         return None
-    print("\n".join(sr.summary_lines(report)))
+    print("\n".join(sr.summary_lines(report, t.max_length)))
     log_to_wandb(sr.wandb_metrics(report), step)
     return report
 

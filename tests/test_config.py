@@ -245,10 +245,12 @@ def test_every_command_a_message_prints_exists_in_the_installed_environment(comm
 
 @pytest.mark.parametrize(("override", "said"), [
     ("sft_training.lr=1e-5", "unknown key 'lr' in 'sft_training' (did you mean 'sft_training.learning_rate'? 'lr' is "
-                             "its name in TRL/axolotl/torchtune)"),
-    ("sft_training.num_train_epochs=2", "did you mean 'sft_training.epochs'?"),
+                             "its name in torchtune)"),  # TRL and axolotl say learning_rate: not named
+    ("sft_training.num_train_epochs=2", "did you mean 'sft_training.epochs'? 'num_train_epochs' is its name in "
+                                        "TRL/transformers)"),
     ("sft_training.per_device_train_batch_size=8", "did you mean 'sft_training.batch_size'?"),
-    ("sft_training.micro_batch_size=8", "did you mean 'sft_training.batch_size'?"),
+    ("sft_training.micro_batch_size=8", "did you mean 'sft_training.batch_size'? 'micro_batch_size' is its name in "
+                                        "axolotl)"),
     ("sft_training.output_dir=x", "did you mean 'sft_training.save_dir'?"),
     ("sft_training.max_seq_length=256", "did you mean 'sft_training.max_length'?"),
     ("sft_training.sequence_len=256", "did you mean 'sft_training.max_length'?"),

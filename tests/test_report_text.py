@@ -463,7 +463,7 @@ def test_the_handoffs_command_line_reaches_each_command_with_its_arguments(tmp_p
     monkeypatch.setattr(dpo_handoff, "DEFAULT_DATA", tmp_path / "not-shipped.jsonl.gz")
     with pytest.raises(SystemExit):
         dpo_handoff.main(["check", "--help"])
-    assert "(default: Anthropic/hh-rlhf)" in capsys.readouterr().out
+    assert "(default: Anthropic/hh-rlhf)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_difference_of_exactly_the_tolerance_passes(capsys):
