@@ -822,3 +822,13 @@ def test_an_install_made_at_15309dc_is_upgraded_to_two_files_and_uninstalled_byt
     assert set(json.loads(now[RECORD])["files"]) == set(json.loads(installed[RECORD])["files"])
     assert dpo_handoff.uninstall(repo) == 0
     assert snapshot(repo) == original
+
+
+def test_the_docs_list_exactly_the_files_install_writes():
+    """docs/dpo-handoff.md's table of what install writes names every file install edits or adds, and no other."""
+    import re
+
+    docs = (REPO / "docs" / "dpo-handoff.md").read_text()
+    table = docs[docs.index("What install writes"):docs.index("Nothing else: upstream's")]
+    named = set(re.findall(r"^\s*\| `([\w.]+\.py)`", table, flags=re.M))
+    assert named == {*dpo_handoff.EDITED, *dpo_handoff.COPIED}
