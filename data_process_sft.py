@@ -3,7 +3,7 @@
   load_raw_dataset      a Hub id or a local .jsonl/.jsonl.gz/.json/.parquet file or folder -> Dataset
   load_rows, load_tokenizer   the same with every failure as one ConfigError line (training, --inspect)
   build_sft_dataset     rows -> `messages` (+ `input_ids`, `labels`, `length`, `num_trained` with a tokenizer)
-  CompletionOnlyCollator, VarlenCollator   a batch padded (or concatenated) with its labels
+  CompletionOnlyCollator  a batch padded with its labels (padding_free: transformers' DataCollatorWithFlattening)
   python data_process_sft.py --config config_dpo.yaml --inspect -n 3   the data as the model will see it
 """
 
@@ -319,30 +319,6 @@ class CompletionOnlyCollator:
     def labels_for(self, input_ids: list[list[int]]) -> list[list[int]]:
         """Labels for unpadded sequences, computed on them all at once (flattened, no padding)."""
         return chat.assistant_labels(input_ids, self.response_ids, self.end_id)
-
-
-class VarlenCollator(CompletionOnlyCollator):
-    """The same conversations and labels as CompletionOnlyCollator, with no padding at all: the batch's
-    conversations concatenated into one row, `position_ids` restarting at each, and their boundaries as
-    cumulative lengths (`cu_seq_lens_q/k`, int32) with the longest (`max_length_q/k`, an int: no device read),
-    what variable-length attention kernels take (varlen_attention). Each conversation's first token (its BOS)
-    is never trained, so no label reaches across a boundary."""
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [e["input_ids"] for e in examples]
-        labels = [e["labels"] for e in examples] if "labels" in examples[0] else self.labels_for(ids)
-        sizes = [len(r) for r in ids]
-        bounds = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32)
-        flat_labels = torch.tensor([list(itertools.chain.from_iterable(labels))], dtype=torch.long)
-        flat_labels[0, bounds[:-1].long()] = IGNORE_INDEX  # (already so for our labels: a BOS is never trained)
-        return {
-            "input_ids": torch.tensor([list(itertools.chain.from_iterable(ids))], dtype=torch.long),
-            "labels": flat_labels,
-            "position_ids": torch.cat([torch.arange(n) for n in sizes])[None],
-            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
-            "max_length_q": max(sizes), "max_length_k": max(sizes),
-        }
-
 
 
 def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:

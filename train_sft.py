@@ -182,7 +182,7 @@ def prepare(run: Run) -> Prepared:
             else:
                 resume_from = contract.last_complete_checkpoint(t.save_dir)
             tokenizer = prepare_tokenizer(dp.load_tokenizer(cfg.policy_name))
-            collator = (dp.VarlenCollator if t.padding_free else dp.CompletionOnlyCollator)(tokenizer)
+            collator = dp.CompletionOnlyCollator(tokenizer)  # the labels (each batch's collator: assemble_trainer)
             data, report, sources = dp.build_sft_mixture(
                 cfg, tokenizer, collator, slice_rows=dry_run_rows(cfg) if run.mode.max_steps > 0 else None)
             raw, which = dp.dpo_rows(cfg, sources)
@@ -217,7 +217,7 @@ def build_trainer(run: Run, prepared: Prepared):
     run_env.start_wandb(cfg, prepared.resume_from)
     eval_head = prepared.split["test"].select(range(min(64, len(prepared.split["test"]))))["messages"]
     trainer = assemble_trainer(cfg, model, prepared.tokenizer, prepared.split, prepared.fingerprint,
-                               max_steps=run.mode.max_steps, collator=prepared.collator,
+                               max_steps=run.mode.max_steps,
                                sample_prompts=held_out_prompts(eval_head, t.sample_prompts))
     if trainer.is_world_process_zero():
         print(start_summary(cfg, trainer, prepared.report, prepared.split, len(trainer.train_dataset),

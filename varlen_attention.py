@@ -1,6 +1,6 @@
 """Attention for batches with no padding at all (`sft_training.padding_free`): a step's whole conversations
 concatenated into one row, their boundaries given as cumulative lengths (`cu_seq_lens_q/k`, `max_length_q/k`, made
-by data_process_sft.VarlenCollator), so no token attends across conversations and no compute goes to padding.
+by transformers' DataCollatorWithFlattening), so no token attends across conversations and no compute goes to padding.
 
     register()         make ATTENTION a name transformers' `attn_implementation` accepts
     kernel_note()      which kernel runs on this machine, in one line
@@ -45,7 +45,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if boundaries is None:
         if attention_mask is None and query.shape[0] > 1:
             raise ValueError(f"{ATTENTION} attention got a batch of {query.shape[0]} rows and no mask: it serves "
-                             "one concatenated row per step (data_process_sft.VarlenCollator)")
+                             "one concatenated row per step (transformers' DataCollatorWithFlattening)")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import varlen_attention
 from conftest import tiny_data, tiny_trainer, write_config
-from data_process_sft import CompletionOnlyCollator, VarlenCollator
+from data_process_sft import CompletionOnlyCollator
+from sft_trainer import flattening_collator
 
 
 def tiny_llama(tokenizer, layers=2):
@@ -27,7 +28,7 @@ def per_token_loss(logits, labels):
 def test_the_collator_concatenates_whole_conversations_with_their_boundaries():
     tokenizer, data = tiny_data()
     rows = [data[i] for i in range(5)]
-    padded, flat = CompletionOnlyCollator(tokenizer)(rows), VarlenCollator(tokenizer)(rows)
+    padded, flat = CompletionOnlyCollator(tokenizer)(rows), flattening_collator()(rows)
     sizes = [len(r["input_ids"]) for r in rows]
     mask = padded["attention_mask"].bool()
     assert flat["input_ids"].shape == (1, sum(sizes)) and "attention_mask" not in flat  # no padding at all
@@ -41,7 +42,7 @@ def test_the_collator_concatenates_whole_conversations_with_their_boundaries():
 def test_per_token_losses_equal_the_padded_batchs():
     tokenizer, data = tiny_data()
     rows = [data[i] for i in range(8)]
-    padded, flat = CompletionOnlyCollator(tokenizer)(rows), VarlenCollator(tokenizer)(rows)
+    padded, flat = CompletionOnlyCollator(tokenizer)(rows), flattening_collator()(rows)
     model = tiny_llama(tokenizer).eval()
     with torch.no_grad():
         want = per_token_loss(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
