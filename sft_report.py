@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 
 import hh_sft_chat as chat
 from data_process_sft import read_columns
@@ -337,8 +338,15 @@ def plot_curves(history: list[dict], path: str, title: str) -> None:
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"], h.get("eval_accuracy")) for h in history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    steps = [step for step, _ in train]
+    short = len(steps) >= 3 and steps[-1] - steps[-2] < steps[-2] - steps[-3]  # the run's end logs a short interval
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.8)
+        ax.plot(*zip(*train[:-1] if short else train), label="train loss", color="tab:blue", alpha=0.8)
+    if short:  # its mean covers fewer steps (often a short final batch): drawn apart, not as the curve's last word
+        covered = steps[-1] - steps[-2]
+        ax.plot(*zip(*train[-2:]), "--o", markevery=[1], mfc="white", color="tab:blue", alpha=0.8,
+                label=f"train loss of the last {covered} step{'s' if covered > 1 else ''} (a shorter interval)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # optimizer steps are whole
     if evals:
         ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label="eval loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
@@ -381,7 +389,8 @@ def plot_margins(report: dict, source: str, path: str) -> None:
         ax.set_xlabel(f"log p(chosen) - log p(rejected), {label}")
         ax.set_ylabel("held-out pairs")
         outside = f"; not shown: {below} below {low:.3g}, {above} above {high:.3g}" if below or above else ""
-        ax.set_title(f"{int((values > 0).sum())} of {len(values)} pairs > 0 (chosen preferred){outside}", fontsize=9)
+        title = f"{int((values > 0).sum())} of {len(values)} pairs > 0 (chosen preferred){outside}"
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # inside the panel, however long
     fig.suptitle(f"Reference margins of the SFT model on {len(report['margins'])} held-out pairs of {source}",
                  fontsize=10)
     fig.tight_layout()

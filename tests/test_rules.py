@@ -106,3 +106,27 @@ def test_a_link_at_a_temporary_path_survives_an_uninstall_without_a_record(tmp_p
     link.symlink_to(target)
     assert dpo_handoff.uninstall(repo) == 0
     assert os.path.islink(link) and target.read_text() == "keep"
+
+
+def test_the_curves_draw_a_short_last_interval_apart_on_whole_steps(tmp_path, monkeypatch):
+    """A run whose last log covers fewer steps (a short final batch, say) draws that point apart and says so; step
+    ticks are whole numbers (a 3-step run once showed 1.5, 2.5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import sft_report
+
+    figures = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    history = [{"step": s, "loss": 2.0} for s in (10, 20, 30)] + [{"step": 33, "loss": 9.0}]
+    sft_report.plot_curves(history, str(tmp_path / "c.png"), "t")
+    ax = figures[0].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["train loss"].get_xdata()) == [10, 20, 30]
+    assert list(lines["train loss of the last 3 steps (a shorter interval)"].get_xdata()) == [30, 33]
+    assert ax.xaxis.get_major_locator()._integer
+    sft_report.plot_curves(history[:3], str(tmp_path / "d.png"), "t")  # even intervals: one line, nothing apart
+    assert [line.get_label() for line in figures[1].axes[0].get_lines()] == ["train loss"]
