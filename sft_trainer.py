@@ -45,7 +45,9 @@ def assemble_trainer(cfg: Config, model, tokenizer, split, fingerprint: dict, *,
     evaluation during training (trainer.evaluate() still has the eval split), no checkpoints, `length_grouped=False`
     (transformers' random sampler: the benchmark's baseline), extra `callbacks`."""
     t = cfg.sft_training
-    if collator is None and not t.packing:
+    if t.packing:  # TRL's padding-free collator for packed rows (it refuses any other)
+        collator = None
+    elif collator is None:
         collator = flattening_collator() if t.padding_free else CompletionOnlyCollator(tokenizer)
     args = build_sft_config(cfg, max_steps=max_steps)
     if not eval_during_training:

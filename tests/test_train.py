@@ -59,8 +59,8 @@ def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(sft_run):
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_dry_run_prints_checks_and_saves_apart(tmp_path, base_model_dir, packing):
-    config = write_config(tmp_path, base_model_dir, wandb_project="would-log", packing=packing, max_length=96,
+def test_dry_run_prints_checks_and_saves_apart(tmp_path, small_base_dir, packing):
+    config = write_config(tmp_path, small_base_dir, wandb_project="would-log", packing=packing, max_length=96,
                           save_dir=str(tmp_path / "sft_out"))
     out = run(["--config", str(config), "--dry-run"], tmp_path)
     assert "Dry-run checks:" in out and "FAIL" not in out
