@@ -158,7 +158,11 @@ def test_a_run_on_a_messages_file_trains_evaluates_and_saves(tmp_path, small_bas
     assert "data: format messages (TRL conversational); rows read" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_loss"] > 0 and (tmp_path / "out" / "model.safetensors").is_file()
-    assert metrics["readiness"] is None  # no rejected replies: nothing to score
+    assert metrics["readiness"] is None  # no rejected replies: nothing to score, and the end says so
+    assert f"Reference readiness: skipped: {data} has no preference pairs (no `rejected`); dataset.dataset_name " \
+           "with HH rows or conversational preference pairs gets it scored" in out
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "on the `messages` conversations of" in card  # the format trained, not "the chosen conversations"
 
 
 def test_an_explicit_prompt_repeated_in_chosen_is_trained_once_and_said(tmp_path, llama32_tokenizer, hh_rows):

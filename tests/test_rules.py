@@ -130,3 +130,40 @@ def test_the_curves_draw_a_short_last_interval_apart_on_whole_steps(tmp_path, mo
     assert ax.xaxis.get_major_locator()._integer
     sft_report.plot_curves(history[:3], str(tmp_path / "d.png"), "t")  # even intervals: one line, nothing apart
     assert [line.get_label() for line in figures[1].axes[0].get_lines()] == ["train loss"]
+
+
+def test_inspect_takes_the_same_overrides_as_a_run(tmp_path, small_base_dir, capsys):
+    import data_process_sft
+
+    config = write_config(tmp_path, small_base_dir, max_length=64)
+    assert data_process_sft.inspect(str(config), 1, ["sft_training.max_length=32"]) == 0
+    out = capsys.readouterr().out
+    assert "max_length 32 ===" in out and "token length percentiles: {'p50': 32" in out
+    assert data_process_sft.inspect(str(config), 1, ["sft_training.max_lenght=32"]) == 2
+    assert "unknown key 'max_lenght' in 'sft_training' (did you mean 'max_length'?)" in capsys.readouterr().err
+
+
+def test_the_readiness_report_on_few_pairs_says_it_is_too_few_and_how_many_were_left_out():
+    from sft_readiness import summary_lines
+
+    report = {"pairs": 2, "pairs_over_max_length": 4, "seconds": 1.0, "sft_chosen_logp": -1.0,
+              "base_chosen_logp": -2.0, "chosen_raised_share": 1.0, "sft_rejected_logp": -1.5,
+              "base_rejected_logp": -2.5, "pref_accuracy": 0.5, "pref_accuracy_per_token": 0.5, "margin_std": 0.1,
+              "margin_percentiles": {"p5": 0.0, "p50": 0.1, "p95": 0.2}}
+    lines = summary_lines(report, max_length=64)
+    assert lines[0] == ("  too few to read: 2 pairs (under 50, one pair moves a share by over 2%); 4 more were "
+                        "left out because a side is over max_length 64; more held-out preference rows (a larger "
+                        "val_ratio or dataset) give a readable report")
+    assert not any("too few" in line for line in summary_lines({**report, "pairs": 50}, max_length=64))
+
+
+def test_the_start_summary_names_the_optimizer_as_written_and_constants_missing_warmup():
+    from sft_report import warmup_words
+
+    t = types.SimpleNamespace(lr_scheduler_type="constant")
+    assert warmup_words(t, types.SimpleNamespace(warmup_steps=5)) == (
+        "no warmup: constant ignores warmup_steps 5, constant_with_warmup uses them")
+    t.lr_scheduler_type = "constant_with_warmup"
+    assert warmup_words(t, types.SimpleNamespace(warmup_steps=5)) == "warmup 5 steps"
+    golden = (REPO / "tests" / "golden" / "start_summary_default.txt").read_text()
+    assert "adamw_torch_fused)" in golden and "OptimizerNames" not in golden
