@@ -65,8 +65,7 @@ SHAPES = {
 }
 SAME_BATCHES = ("ours", "limit", "varlen", "varlen+compile", "ours+pad64", "ours+liger", "ours+compile",
                 "ours+offload")  # the modes whose steps hold the same conversations as ours
-# group_by_length: transformers' LengthGroupedSampler (train_sampling_strategy) instead of our sampler
-MODES = ("baseline", "group_by_length", "packing", "lora", "math", *SAME_BATCHES)  # every mode a worker knows
+MODES = ("baseline", "packing", "lora", "math", *SAME_BATCHES)  # every mode a worker knows
 FIRST_LOSSES = 10  # optimizer steps whose training loss each mode records
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -242,10 +241,7 @@ def trainer_loop(mode: str, model, tokenizer, data, args, gpu: bool, profiler, l
     pad64 = CompletionOnlyCollator(tokenizer, pad_to_multiple_of=64) if mode.endswith("+pad64") else None
     # baseline: without a `length` column the trainer falls back to transformers' random sampler
     trainer = assemble_trainer(cfg, model, tokenizer, {"train": data}, {}, collator=pad64, eval_during_training=False,
-                               checkpoints=False, length_grouped=mode not in ("baseline", "group_by_length"),
-                               callbacks=[timer, profiler])
-    if mode == "group_by_length":  # the Trainer's own sampler for a dataset without our `length` column
-        trainer.args.train_sampling_strategy = "group_by_length"
+                               checkpoints=False, length_grouped=mode != "baseline", callbacks=[timer, profiler])
     trainer.remove_callback(ProgressCallback)
     trainer.data_collator = counter.wrap(trainer.data_collator)
     step = trainer.training_step
