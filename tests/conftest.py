@@ -276,13 +276,16 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
 
 @pytest.fixture(autouse=True)
 def _mutant_has_its_own_datasets_cache(monkeypatch):
-    """In a mutation run (mutmut sets MUTANT_UNDER_TEST per mutant) the datasets cache, keyed by the source's
-    hash, would serve the unmutated module's results: key it by the mutant too."""
+    """In a mutation run (mutmut sets MUTANT_UNDER_TEST per mutant, and to "stats" while it records which tests
+    reach which function) the datasets cache, keyed by the source's hash, would serve the unmutated module's
+    results: key it by the mutant too, for both modules whose functions run inside `datasets.map`."""
     mutant = os.environ.get("MUTANT_UNDER_TEST")
     if mutant:
         import data_process_sft
+        import hh_sft_chat
 
-        monkeypatch.setattr(data_process_sft, "SOURCE_HASH", data_process_sft.SOURCE_HASH + mutant)
+        for module in (data_process_sft, hh_sft_chat):
+            monkeypatch.setattr(module, "SOURCE_HASH", module.SOURCE_HASH + mutant)
 
 
 @pytest.fixture(autouse=True)
