@@ -24,14 +24,7 @@ import numpy as np
 import torch
 
 import hh_sft_chat as chat
-from hh_sft_chat import (  # noqa: F401 (build_dpo_dataset, parse_hh_to_messages: this module's users read them here)
-    IGNORE_INDEX,
-    LLAMA3_ASSISTANT_HEADER,
-    LLAMA3_END_OF_TURN,
-    build_dpo_dataset,
-    parse_hh_to_messages,
-    tokenize_conversations,
-)
+from hh_sft_chat import IGNORE_INDEX, LLAMA3_ASSISTANT_HEADER, LLAMA3_END_OF_TURN, tokenize_conversations
 from run_env import loading
 from sft_config import ConfigError, load_config
 
@@ -159,8 +152,9 @@ def build_sft_mixture(cfg, tokenizer, collator, slice_rows: int | None = None):
         if t.datasets and not len(data):
             raise ConfigError(f"sft_training.datasets.{i} ({source.dataset_name} [{source.subset}]): no usable rows "
                               f"({report.summary()})")
-        taken = rows[np.asarray(data["row"], dtype=np.int64)]
-        parts.append(data.remove_columns("row").add_column("row", taken.tolist()).add_column("source", [i] * len(data)))
+        if len(rows) < len(raw):  # `row` indexes the rows taken: point it back at the source's split
+            data = data.remove_columns("row").add_column("row", rows[np.asarray(data["row"], dtype=np.int64)].tolist())
+        parts.append(data.add_column("source", [i] * len(data)))
         sources.append(Source(source.dataset_name, source.subset, source.fraction, report, rows, raw))
     if not t.datasets:
         return parts[0], sources[0].report, sources

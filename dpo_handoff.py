@@ -386,7 +386,7 @@ def _check_vocabulary(model_dir: Path, tokenizer, pairs: dict) -> None:
 def _pairs(state: str, raw, tokenizer, max_len: int) -> dict:
     """The pairs both sides can score: `built` (row -> the DPO row the repo's training.py builds), `reference` (row
     -> SFT's pair, no length limit) and `compared` (rows in both)."""
-    from data_process_sft import build_dpo_dataset
+    from hh_sft_chat import build_dpo_dataset
 
     built = _repo_rows(state, raw, tokenizer, max_len)
     reference = {row["row"]: row for row in build_dpo_dataset(raw)}

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-logger = logging.getLogger("data_process_sft")
+logger = logging.getLogger("data_process_sft")  # the data report logs where a run sets its data logger's level
 
 IGNORE_INDEX = -100
 SOURCE_HASH = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:16]  # part of the datasets cache key

@@ -12,13 +12,14 @@
   weights; optimizer.pt and scheduler.pt unless the run saved model only): it is set aside as
   damaged-checkpoint-N (a name the Trainer's rotation never deletes), kept until the user deletes it, and named
   at every start; the run resumes from the newest checkpoint that is whole.
-- A resume needs the same run-defining settings (run_fingerprint); learning rate, schedule, epochs, logging and
-  saving may change.
+- A resume needs the same run-defining settings (run_fingerprint, the optimizer and scheduler type among them);
+  learning rate, warmup, epochs/max_steps, logging and saving may change.
 - A run is finished when save_dir holds model.safetensors and metrics.json (written last, after the samples,
   curves and card); publishing new weights removes the earlier metrics.json first, so weights newer than their
   report never pass for a finished run. A finished folder is never trained over without --overwrite, which
   removes our names and starts from step 0; a finished run whose checkpoints were kept continues from the newest when
-  sft_training.epochs is raised; weights without metrics.json (a kill in the report) are finished from the last
+  the key its length comes from grows (sft_training.max_steps when set, else epochs); a checkpoint past that length
+  is refused; weights without metrics.json (a kill in the report) are finished from the last
   checkpoint.
 - When a run finishes, its resume state (checkpoint-N, training_args.bin) is removed unless keep_checkpoints, and
   its lock (.lock; the kernel drops it when the process dies) is released.
@@ -392,16 +393,17 @@ def write_whole(path: str, value: dict, sort_keys: bool = False) -> None:
     os.replace(path + ".tmp", path)
 
 
-def tidy_finished(save_dir: str, keep_checkpoints: bool) -> str:
+def tidy_finished(save_dir: str, keep_checkpoints: bool, length_key: str = "epochs") -> str:
     """Leave a finished save_dir as the DPO stage and the Hub need it: the resume state (checkpoint-N folders
     with optimizer and RNG state, ~14 GB at 1B; training_args.bin) goes unless `keep_checkpoints`, and the run
-    lock is released. Returns the line that says what was kept or removed, with its size."""
+    lock is released. Returns the line that says what was kept or removed, with its size (and, when kept, the key
+    to raise: `length_key`, the one the run's length comes from)."""
     resume = sorted((n for n in os.listdir(save_dir) if CHECKPOINT.match(n)), key=checkpoint_step)
     total = sum(os.path.getsize(os.path.join(root, f)) for n in resume
                 for root, _, files in os.walk(os.path.join(save_dir, n)) for f in files)
     if keep_checkpoints:
         line = (f"  resume state kept ({', '.join(resume)}, {size(total)}; sft_training.keep_checkpoints: true): "
-                "raise sft_training.epochs and run the same command to continue" if resume else
+                f"raise sft_training.{length_key} and run the same command to continue" if resume else
                 "  no resume state to keep")
     else:
         for name in resume:

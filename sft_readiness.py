@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from data_process_sft import IGNORE_INDEX, CompletionOnlyCollator, build_dpo_dataset, tokenize_conversations
+from data_process_sft import CompletionOnlyCollator
+from hh_sft_chat import IGNORE_INDEX, build_dpo_dataset, tokenize_conversations
 
 PERCENTILES = (5, 25, 50, 75, 95)
 

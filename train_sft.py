@@ -61,7 +61,6 @@ class Prepared:
     """What the trainer needs, made before the model is loaded (every failure so far is one line, exit 2)."""
 
     tokenizer: Any
-    collator: Any
     report: Any  # data_process_sft.DataReport
     split: Any  # DatasetDict with "train" and "test" (conversations, tokenized)
     resume_from: str | None
@@ -199,7 +198,7 @@ def prepare(run: Run) -> Prepared:
     if first_error:  # the main process's refusal, said by every process (no rank left waiting in a collective)
         raise ConfigError(first_error)
     split = data.train_test_split(test_size=cfg.dataset.val_ratio, seed=cfg.dataset.seed)
-    return Prepared(tokenizer, collator, report, split, resume_from, fingerprint, raw, finished, sources,
+    return Prepared(tokenizer, report, split, resume_from, fingerprint, raw, finished, sources,
                     dp.held_out_rows(split["test"], len(raw), which))
 
 
@@ -297,7 +296,7 @@ def finish(run: Run, trainer, prepared: Prepared, start: float) -> int:
     print(f"  train loss {metrics['train_loss']:.4f} (mean over all {metrics['global_step']} steps of the run), "
           f"eval loss {metrics['eval_loss']:.4f}, "
           f"eval accuracy {metrics['eval_accuracy']:.4f}", *sft_report.best_lines(metrics), sep="\n")
-    print(contract.tidy_finished(t.save_dir, keep_checkpoints=t.keep_checkpoints))
+    print(contract.tidy_finished(t.save_dir, t.keep_checkpoints, "max_steps" if t.max_steps else "epochs"))
     if t.push_to_hub and not push_final_model(t.save_dir, t.hub_model_id):
         return 1
     return _after_save(run)

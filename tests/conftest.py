@@ -323,3 +323,15 @@ def catches(pid: int, sig: int) -> bool:
     except (OSError, StopIteration):
         return False
     return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+def wait_until(ready, proc=None, timeout=600):
+    """Poll `ready()` (a file, a line, a handler: a state the test can see) while `proc` is alive; fails if `proc`
+    ends first or the time runs out (a guard against a hang, not a speed limit: no test waits a fixed delay)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc is None or proc.poll() is None, "the process ended before it got there"
+        assert time.time() < deadline
+        time.sleep(0.02)

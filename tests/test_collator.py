@@ -9,7 +9,8 @@ from datasets import Dataset
 from jinja2 import Template
 
 from conftest import base_tokenizer
-from data_process_sft import IGNORE_INDEX, CompletionOnlyCollator, build_sft_dataset, tokenize_conversations
+from data_process_sft import CompletionOnlyCollator, build_sft_dataset
+from hh_sft_chat import IGNORE_INDEX, tokenize_conversations
 from model_io import prepare_tokenizer
 
 CONV = [

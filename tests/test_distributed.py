@@ -8,7 +8,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 import conftest
-from conftest import REPO, assert_ok, catches, cli_env, run_cli
+from conftest import REPO, assert_ok, catches, cli_env, run_cli, wait_until
 from sft_config import ConfigError, apply_global_batch, load_config
 
 
@@ -101,7 +101,6 @@ def signal_one_rank(tmp_path, small_base_dir, sig, after_steps: int):
     import os
     import signal
     import subprocess
-    import time
 
     config = write_config(tmp_path, small_base_dir, save_steps=1000, epochs=30, subset="train[:64]")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_sft.py"),
@@ -111,16 +110,10 @@ def signal_one_rank(tmp_path, small_base_dir, sig, after_steps: int):
     with open(out_file, "w") as stdout, open(err_file, "w") as stderr:
         agent = subprocess.Popen(launch, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
 
-    def wait_for(ready):
-        deadline = time.time() + 600
-        while not ready():
-            assert agent.poll() is None and time.time() < deadline, err_file.read_text()[-3000:]
-            time.sleep(0.05)
-
-    wait_for(lambda: None not in [rank_pid(agent.pid, rank) for rank in (0, 1)])
+    wait_until(lambda: None not in [rank_pid(agent.pid, rank) for rank in (0, 1)], agent)
     pids = [rank_pid(agent.pid, rank) for rank in (0, 1)]
-    wait_for(lambda: all(catches(pid, signal.SIGTERM) for pid in pids))
-    wait_for(lambda: (out_file.read_text() + err_file.read_text()).count("'loss'") >= after_steps)
+    wait_until(lambda: all(catches(pid, signal.SIGTERM) for pid in pids), agent)
+    wait_until(lambda: (out_file.read_text() + err_file.read_text()).count("'loss'") >= after_steps, agent)
     os.kill(pids[1], sig)
     agent.wait(timeout=600)
     return launch, env, err_file.read_text(), pids

@@ -529,7 +529,7 @@ def test_check_fails_on_reply_only_scoring_then_passes_after_install(sft_run, dp
 def control_token_rows(tokenizer, hh_rows, conversational: bool) -> list[dict]:
     """16 real HH pairs whose prompts and replies also hold, as literal text, every special token string of the
     Llama-3 tokenizer (16 to a row), as HH text or as TRL's conversational preference rows."""
-    from data_process_sft import parse_hh_to_messages
+    from hh_sft_chat import parse_hh_to_messages
 
     specials = sorted(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
     per_row = -(-len(specials) // 16)
@@ -595,7 +595,7 @@ def test_the_installed_loss_trains_and_logs_like_trls_dpo_trainer(sft_run, dpo_s
 def test_build_dpo_dataset_drops_pairs_over_max_length_and_keeps_the_row_index(llama32_tokenizer, hh_rows):
     from datasets import Dataset
 
-    from data_process_sft import build_dpo_dataset, tokenize_conversations
+    from hh_sft_chat import build_dpo_dataset, tokenize_conversations
 
     raw = Dataset.from_list(hh_rows[:40])
     everything = build_dpo_dataset(raw)

@@ -91,7 +91,8 @@ def test_generation_stops_at_eot(seen_there):
 def test_dpo_trainer_0_26_scores_the_sft_sequences(seen_there):
     from transformers import AutoTokenizer
 
-    from data_process_sft import build_dpo_dataset, load_raw_dataset, tokenize_conversations
+    from data_process_sft import load_raw_dataset
+    from hh_sft_chat import build_dpo_dataset, tokenize_conversations
 
     seen, _, save_dir = seen_there
     tokenizer = AutoTokenizer.from_pretrained(save_dir)

@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 import conftest
-from conftest import REPO, catches, cli_env, real_checkpoint
+from conftest import REPO, catches, cli_env, real_checkpoint, wait_until
 from model_io import prepare_tokenizer
 from save_dir_contract import prepare_save_dir
 from sft_config import ConfigError
@@ -35,15 +34,6 @@ def start(config, cwd, environ=None, *args):
 def finish(proc, timeout=600):
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
-
-
-def wait_until(ready, proc, timeout=300):
-    """Poll `ready()` while the run is alive (fails if the run ends first or the time runs out)."""
-    deadline = time.time() + timeout
-    while not ready():
-        assert proc.poll() is None, "the run ended before it got there"
-        assert time.time() < deadline
-        time.sleep(0.02)
 
 
 def start_logged(config, folder):

@@ -225,7 +225,7 @@ def test_with_load_best_the_report_gives_the_handed_off_models_numbers(tmp_path)
     losses = eval_losses(trainer)
     best = min(losses, key=losses.get)
     tokenizer, data = tiny_data()
-    prepared = train_sft.Prepared(tokenizer, None, DataReport(), data.train_test_split(test_size=0.25, seed=1),
+    prepared = train_sft.Prepared(tokenizer, DataReport(), data.train_test_split(test_size=0.25, seed=1),
                                   None, {}, raw=None)
     run = train_sft.Run(load_config(str(tmp_path / "c.yaml")), mode=train_sft.MODES["train"], overwrite=False)
     assert train_sft.finish(run, trainer, prepared, start=0.0) == 0

@@ -9,7 +9,8 @@ import pytest
 
 import hh_sft_chat
 from conftest import REAL_HH, SAMPLE, assert_ok, cli_env, run_cli, run_traced, write_config
-from data_process_sft import build_dpo_dataset, build_sft_dataset, load_raw_dataset, load_rows, parse_hh_to_messages
+from data_process_sft import build_sft_dataset, load_raw_dataset, load_rows
+from hh_sft_chat import build_dpo_dataset, parse_hh_to_messages
 from sft_config import ConfigError
 
 ROWS = 240  # of the shipped 1,500: enough shapes (empty turns, assistant-first, long), seconds to tokenize

@@ -8,7 +8,8 @@ import pytest
 from datasets import Dataset
 
 from conftest import REAL_HH, SAMPLE, run_cli, write_config
-from data_process_sft import build_dpo_dataset, load_raw_dataset, tokenize_conversations
+from data_process_sft import load_raw_dataset
+from hh_sft_chat import build_dpo_dataset, tokenize_conversations
 
 
 def msgs(*pairs):

@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from data_process_sft import IGNORE_INDEX, CompletionOnlyCollator, tokenize_conversations
+from data_process_sft import CompletionOnlyCollator
+from hh_sft_chat import IGNORE_INDEX, tokenize_conversations
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],

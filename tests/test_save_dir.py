@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 import run_env
 import save_dir_contract
-from conftest import REPO, SAMPLE, assert_ok, cli_env, real_checkpoint, run_cli, write_config
+from conftest import REPO, SAMPLE, assert_ok, cli_env, real_checkpoint, run_cli, wait_until, write_config
 from data_process_sft import load_rows
 from sft_config import ConfigError
 
@@ -87,13 +86,12 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_each_change(tmp_path):
 # --- one run per save_dir ------------------------------------------------------------------------------------
 @pytest.mark.cli
 def test_a_second_run_on_a_locked_save_dir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path, small_base_dir):
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(REPO)!r}); "
+    # the holder keeps the lock until the test kills it (it blocks reading its stdin: no fixed lifetime)
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
                                f"import save_dir_contract as c; c.prepare_save_dir({str(tmp_path / 'out')!r}, False); "
-                               "time.sleep(120)"])
-    deadline = time.time() + 300  # a guard against a hang, not a speed limit
-    while not (tmp_path / "out" / ".lock").exists() or not (tmp_path / "out" / ".lock").read_text():
-        assert time.time() < deadline
-        time.sleep(0.05)
+                               "sys.stdin.read()"], stdin=subprocess.PIPE)
+    lock = tmp_path / "out" / ".lock"
+    wait_until(lambda: lock.exists() and lock.read_text(), holder)
     result = run_cli("--config", str(write_config(tmp_path, small_base_dir)), cwd=tmp_path)
     assert result.returncode == 2
     assert f"is in use by a running train_sft.py (pid {holder.pid}: -c)" in result.stderr
@@ -577,7 +575,7 @@ def test_readiness_never_replaces_the_report_when_no_pair_was_scored(tmp_path, s
     monkeypatch.setattr(run_env, "start_wandb", lambda *args, **kwargs: None)
     monkeypatch.setattr(train_sft, "readiness", lambda *args, **kwargs: scored)
     raw = Dataset.from_dict({"chosen": ["\n\nHuman: a\n\nAssistant: b"], "rejected": ["\n\nHuman: a\n\nAssistant: c"]})
-    prepared = train_sft.Prepared(None, None, None, None, None, {}, raw, finished=json.loads(json.dumps(report)))
+    prepared = train_sft.Prepared(None, None, None, None, {}, raw, finished=json.loads(json.dumps(report)))
     run = train_sft.Run(cfg, train_sft.MODES["readiness"], False)
     assert train_sft.readiness_only(run, prepared) == (2 if scored else 1)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == report
