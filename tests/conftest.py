@@ -21,6 +21,10 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ["WANDB_DIR"] = tempfile.mkdtemp(prefix="wandb-tests-")  # offline runs never land in the repo
 os.environ.pop("WANDB_API_KEY", None)
 
+WORKERS = os.environ.get("PYTEST_XDIST_WORKER_COUNT")  # pytest -n N: N workers share the cores
+if WORKERS:  # threads each, so that none oversubscribes them
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // int(WORKERS))))
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_HH = REPO / "data" / "hh-rlhf" / "harmless-base-test.first1500.jsonl.gz"
 SAMPLE = REPO / "data" / "hh_sample.jsonl"
@@ -109,6 +113,19 @@ def small_base_dir(tmp_path_factory):
     build_random_llama(str(out), tokenizer, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1)
     return out
+
+
+# Under pytest-xdist (`-n`, with `--dist loadgroup`) the launches of several processes take turns on one worker:
+# torchrun's and accelerate's rendezvous port (29500) is one per machine.
+SEVERAL_PROCESSES = pytest.mark.xdist_group("several_processes")
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist the tests that read the one trained `sft_run` go to one worker (each worker would train
+    its own)."""
+    for item in items:
+        if "sft_run" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("sft_run"))
 
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -202,10 +219,13 @@ def sft_run(tmp_path_factory, base_model_dir):
 def dpo_stack():
     """The DPO repo's pins (requirements-dpo-stack.txt), installed with --no-deps over this environment's torch into
     .dpo-stack (.ci/run installs it first; a developer's first run installs it here in a few seconds)."""
+    from filelock import FileLock
+
     stack = REPO / ".dpo-stack"
-    if not (stack / "trl-0.26.2.dist-info").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(stack),
-                        "-r", str(REPO / "requirements-dpo-stack.txt")], check=True, timeout=600)
+    with FileLock(f"{stack}.lock"):  # pytest-xdist workers: one installs, the others wait for it
+        if not (stack / "trl-0.26.2.dist-info").is_dir():
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(stack),
+                            "-r", str(REPO / "requirements-dpo-stack.txt")], check=True, timeout=600)
     return stack
 
 

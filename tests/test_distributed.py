@@ -8,7 +8,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 import conftest
-from conftest import REPO, assert_ok, catches, cli_env, run_cli, wait_until
+from conftest import REPO, SEVERAL_PROCESSES, assert_ok, catches, cli_env, run_cli, wait_until
 from sft_config import ConfigError, apply_global_batch, load_config
 
 
@@ -16,6 +16,7 @@ def write_config(folder, small_base_dir, **sft):
     return conftest.write_config(folder, small_base_dir, val_ratio=0.25, eval_batch_size=4, **sft)
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(tmp_path, small_base_dir):
     env = cli_env(OMP_NUM_THREADS="1")
@@ -119,6 +120,7 @@ def signal_one_rank(tmp_path, small_base_dir, sig, after_steps: int):
     return launch, env, err_file.read_text(), pids
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.slow
 @pytest.mark.parametrize("after_steps", [0, 3], ids=["as-training-starts", "after-3-steps"])
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_launch_command_resumes(
@@ -148,6 +150,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_launch_c
         assert f"Resuming from {checkpoints[0]} (step {step})" in resumed.stdout
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.slow
 def test_kill_9_of_one_rank_ends_every_process(tmp_path, small_base_dir):
     import os

@@ -527,16 +527,16 @@ def test_check_fails_on_reply_only_scoring_then_passes_after_install(sft_run, dp
 
 
 def control_token_rows(tokenizer, hh_rows, conversational: bool) -> list[dict]:
-    """16 real HH pairs whose prompts and replies also hold, as literal text, every special token string of the
-    Llama-3 tokenizer (16 to a row), as HH text or as TRL's conversational preference rows."""
+    """8 real HH pairs whose prompts and replies also hold, as literal text, every special token string of the
+    Llama-3 tokenizer (32 to a row), as HH text or as TRL's conversational preference rows."""
     from hh_sft_chat import parse_hh_to_messages
 
     specials = sorted(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
-    per_row = -(-len(specials) // 16)
+    per_row = -(-len(specials) // 8)
     pairs = [(parse_hh_to_messages(r["chosen"]), parse_hh_to_messages(r["rejected"])) for r in hh_rows
-             if r["chosen"].count("Human:") == 1 and len(r["chosen"]) < 400]
+             if r["chosen"].count("Human:") == 1 and max(len(r["chosen"]), len(r["rejected"])) < 250]
     rows = []
-    for i, (chosen, rejected) in enumerate([p for p in pairs if p[0][:-1] == p[1][:-1]][:16]):
+    for i, (chosen, rejected) in enumerate([p for p in pairs if p[0][:-1] == p[1][:-1]][:8]):
         mine = specials[i * per_row: (i + 1) * per_row]
         for conversation in (chosen, rejected):
             conversation[0]["content"] += " " + " ".join(mine[: len(mine) // 2])
@@ -563,10 +563,10 @@ def test_the_installed_loss_scores_control_token_text_as_sft_trained_it(sft_run,
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
     result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(sft_run[1]), "--data", str(data),
-                     "-n", "16", "--report", str(tmp_path / "check.json"), env=stack_env(dpo_stack))
+                     "-n", "8", "--report", str(tmp_path / "check.json"), env=stack_env(dpo_stack))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     seen = json.loads((tmp_path / "check.json").read_text())
-    assert len(seen["rows"]) == len(rows) >= 12
+    assert len(seen["rows"]) == len(rows) == 8
     assert seen["scored_tokens"] == [tokens * 2 for tokens in seen["expected_tokens"]]
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sft_report
-from conftest import REPO, SAMPLE, assert_ok, cli_env, run_cli, write_config
+from conftest import REPO, SAMPLE, SEVERAL_PROCESSES, assert_ok, cli_env, run_cli, write_config
 from model_io import cast_saved_weights
 from sft_config import load_config
 
@@ -68,6 +68,7 @@ def test_gathered_weights_are_cast_to_the_run_precision(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_fsdp_config_on_cpu_says_it_does_not_shard_and_ends_with_one_bf16_model(tmp_path, small_base_dir,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_ok, assert_replies, chat_with, cli_env, run_cli, stack_env, write_config
+from conftest import SEVERAL_PROCESSES, assert_ok, assert_replies, chat_with, cli_env, run_cli, stack_env, write_config
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -68,6 +68,7 @@ def test_the_merged_lora_model_is_the_same_function_in_the_dpo_stack(lora_run, d
         assert (torch.load(there) - here(torch.tensor([ids])).logits).abs().max().item() <= 1e-5
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.slow
 def test_lora_under_torchrun_with_packing_and_gradient_checkpointing(tmp_path, small_base_dir):
     from transformers import AutoModelForCausalLM

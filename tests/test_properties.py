@@ -1,4 +1,4 @@
-"""Property tests (hypothesis, 2,000 generated inputs each): the parser never raises on a str and always returns
+"""Property tests (hypothesis, 1,000 generated inputs each): the parser never raises on a str and always returns
 well-formed alternating messages; the collator's labels are exactly the assistant contents and their
 <|eot_id|>, whatever the text holds (unicode, control characters, literal special-token strings)."""
 
@@ -18,8 +18,8 @@ PIECES = st.one_of(
                      "\n\n", "\r\n", " ", "\t", "\x00", "\x1f", "\u200b", *SPECIAL_STRINGS]),
     TEXT,
 )
-# 2,000 examples; 50 in a mutation run (mutmut runs the covering tests once per mutant)
-PROPERTY = settings(max_examples=50 if os.environ.get("MUTANT_UNDER_TEST") else 2000, deadline=None,
+# 1,000 examples; 50 in a mutation run (mutmut runs the covering tests once per mutant)
+PROPERTY = settings(max_examples=50 if os.environ.get("MUTANT_UNDER_TEST") else 1000, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -36,25 +36,29 @@ def finished(out):
 @pytest.mark.slow
 def test_a_kill_at_every_point_of_a_max_steps_run_ends_with_the_uninterrupted_model_and_report(tmp_path,
                                                                                               small_base_dir):
+    """Killed at each point in turn, in one save_dir: each kill lands in the rerun of the kill before it (which
+    reaches that point with the same files on disk as a first run killed there), and each rerun is the same
+    command; the last one ends with the uninterrupted run's weights and report."""
     reference = tmp_path / "reference"
     reference.mkdir()
     assert run_cli("--config", str(write_config(reference, small_base_dir, **MAX_STEPS)), cwd=reference).returncode == 0
     weights, metrics = finished(reference / "out")
     assert metrics["global_step"] == 4 and 0 < metrics["epochs_trained"] < 1  # stopped mid-epoch
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    config = write_config(folder, small_base_dir, **MAX_STEPS)
     for name, patch in KILL_POINTS.items():
-        folder = tmp_path / name.replace(" ", "_")
-        folder.mkdir()
-        config = write_config(folder, small_base_dir, **MAX_STEPS)
         killed = run_cli("--config", str(config), cwd=folder, script=str(injected(folder, "import os\n" + patch)))
-        assert killed.returncode == 137, (name, killed.stderr[-2000:])
-        rerun = run_cli("--config", str(config), cwd=folder)
-        assert rerun.returncode == 0, (name, rerun.stderr[-2000:])
-        got, report = finished(folder / "out")
-        assert max((weights[k] - got[k]).abs().max().item() for k in weights) <= 1e-6, name
-        assert (report["global_step"], report["epochs_trained"]) == (4, metrics["epochs_trained"]), name
-        assert report["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-6), name
-        if name == "checkpoint at max_steps written":
-            assert "Finishing from" in rerun.stdout and "so no step is trained" in rerun.stdout
+        assert killed.returncode == 137, (name, killed.stdout[-2000:], killed.stderr[-2000:])
+        assert not (folder / "out" / "metrics.json").exists(), name  # the run is not finished yet
+        if name == "final save started":  # the run killed at max_steps' checkpoint was finished, not trained on
+            assert "Finishing from" in killed.stdout and "so no step is trained" in killed.stdout
+    rerun = run_cli("--config", str(config), cwd=folder)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    got, report = finished(folder / "out")
+    assert max((weights[k] - got[k]).abs().max().item() for k in weights) <= 1e-6
+    assert (report["global_step"], report["epochs_trained"]) == (4, metrics["epochs_trained"])
+    assert report["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-6)
 
 
 def checkpoint_at(folder, step, epoch):

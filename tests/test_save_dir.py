@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import conftest
 import run_env
 import save_dir_contract
 from conftest import REPO, SAMPLE, assert_ok, cli_env, real_checkpoint, run_cli, wait_until, write_config
@@ -413,6 +414,7 @@ def test_reordered_data_rows_are_refused_on_resume(tmp_path, small_base_dir):
     assert "was written by a run with other settings (data (token ids, sha256) '" in line
 
 
+@conftest.SEVERAL_PROCESSES
 @pytest.mark.slow
 def test_a_resume_refused_under_torchrun_is_one_line_on_every_rank(tmp_path, small_base_dir):
     """Resumed with 2 processes after a 1-process run: every rank says the same refusal and exits 2 (rank 1 used
