@@ -120,6 +120,7 @@ def small_base_dir(tmp_path_factory):
 SEVERAL_PROCESSES = pytest.mark.xdist_group("several_processes")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist the tests that read the one trained `sft_run` go to one worker (each worker would train
     its own)."""

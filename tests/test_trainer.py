@@ -95,6 +95,22 @@ def test_a_resume_trains_with_the_configured_learning_rate(tiny, tmp_path):
     assert all(g["lr"] == 0.001 for g in resumed.optimizer.param_groups)
 
 
+
+def test_a_resume_from_a_checkpoint_at_max_steps_mid_epoch_trains_no_step(tiny, tmp_path):
+    """The fifth trial's late kill, in process: resumed from checkpoint-2 of a max_steps 2 run that stopped mid-epoch,
+    the Trainer took one more batch before it checked max_steps; now the weights are the checkpoint's."""
+    from safetensors.torch import load_file
+
+    first = make_trainer(tiny, tmp_path, steps=2, save_steps=2, lr_scheduler_type="constant")
+    first.train()
+    assert first.state.epoch < 1  # stopped mid-epoch
+    saved = load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors")
+    resumed = make_trainer(tiny, tmp_path, steps=2, save_steps=2, lr_scheduler_type="constant")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert resumed.state.global_step == 2
+    assert all(torch.equal(saved[k], v) for k, v in resumed.model.state_dict().items() if k in saved)
+
+
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
 
