@@ -71,3 +71,50 @@ def test_the_loop_keeps_the_conversation_and_reset_clears_it(monkeypatch, capsys
     assert out[1:] == ["assistant: reply 1", "  [stopped at <|eot_id|>]", "assistant: reply 2",
                        "  [cut at max_new_tokens 5]", "(conversation cleared)", "assistant: reply 3",
                        "  [stopped at <|eot_id|>]"]
+
+
+def test_a_sharded_model_passes_and_a_checkpoint_named_alone_points_at_the_working_folder(tmp_path, monkeypatch):
+    folder = finished_folder(tmp_path / "sharded")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text("{}")  # FSDP/large models: shards and their index
+    sft_chat.check_folder(str(folder))
+    monkeypatch.chdir(tmp_path)
+    finished_folder(tmp_path / "checkpoint-4")
+    with pytest.raises(ConfigError, match=r"point it at its save_dir \(\.\) once the run finished"):
+        sft_chat.check_folder("checkpoint-4")
+
+
+def test_chat_command_takes_the_folder_given_else_the_configs_save_dir_with_its_overrides(tmp_path, monkeypatch,
+                                                                                          capsys):
+    chats = []
+    monkeypatch.setattr(sft_chat, "chat", lambda folder, **kw: chats.append((folder, kw)) or 0)
+    config = write_config(tmp_path, "base")
+    finished_folder(tmp_path / "out")
+    finished_folder(tmp_path / "other")
+    assert sft_chat.command(None, str(config), [], 0.0, 9) == 0
+    assert sft_chat.command(str(tmp_path / "other"), str(config), [], 0.7, 5) == 0
+    assert sft_chat.command(None, str(config), [f"sft_training.save_dir={tmp_path / 'other'}"], 0.0, 9) == 0
+    assert chats == [(str(tmp_path / "out"), {"temperature": 0.0, "max_new_tokens": 9}),
+                     (str(tmp_path / "other"), {"temperature": 0.7, "max_new_tokens": 5}),
+                     (str(tmp_path / "other"), {"temperature": 0.0, "max_new_tokens": 9})]
+    assert capsys.readouterr().err == ""
+
+
+def test_chat_command_refuses_in_one_line_and_exit_2_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import run_env
+
+    monkeypatch.setattr(sft_chat, "chat", lambda *a, **k: pytest.fail("a refused folder was loaded"))
+    config = write_config(tmp_path, "base")
+    assert sft_chat.command(None, str(config), [], 0.0, 9) == 2
+    assert capsys.readouterr().err == f"error: --chat {tmp_path / 'out'}: no such folder; point it at the save_dir " \
+                                      "of a finished run\n"
+    assert sft_chat.command(None, str(tmp_path / "missing.yaml"), [], 0.0, 9) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+    def wrong_stack():
+        raise ConfigError("unsupported stack: test")
+
+    monkeypatch.setattr(run_env, "check_stack", wrong_stack)
+    finished_folder(tmp_path / "out")
+    assert sft_chat.command(None, str(config), [], 0.0, 9) == 2
+    assert capsys.readouterr().err == "error: unsupported stack: test\n"

@@ -272,6 +272,50 @@ def test_a_flag_that_names_a_key_says_how_keys_are_set(args, said):
     assert result.stderr.startswith("error: --")
 
 
+FLAGS = {"--config", "--demo", "--dry-run", "--overwrite", "-h", "--help"}
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--learning_rate", "1e-5"], "--learning_rate is not an option here: config keys are set as section.key=value, "
+                                  "e.g. sft_training.learning_rate=1e-5"),
+    (["--config", "c.yaml", "--num_train_epochs=3"], "--num_train_epochs is not an option here: config keys are set as "
+                                                     "section.key=value, e.g. sft_training.epochs=3"),
+    (["--epochs=a=b"], "e.g. sft_training.epochs=a=b"),  # the value is everything after the first `=`
+    (["--dataset-name", "x.jsonl"], "e.g. dataset.dataset_name=x.jsonl"),
+    (["--dry-run", "--policy_name"], "e.g. policy_name=VALUE"),  # the last argument: no value follows
+    (["--lr", "3"], "e.g. sft_training.learning_rate=3")])  # another tool's name
+def test_a_flag_that_names_a_key_is_answered_with_the_override_that_sets_it(args, said):
+    from sft_config import flag_as_key
+
+    hint = flag_as_key(args, FLAGS)
+    assert hint is not None and hint.endswith(said)
+
+
+@pytest.mark.parametrize("args", [["--config", "c.yaml"], ["--overwrite"], ["sft_training.epochs=2"],
+                                  ["-epochs", "2"], ["--nonsense", "1"], ["x--epochs"], []])
+def test_options_overrides_and_unknown_flags_get_no_key_hint(args):
+    from sft_config import flag_as_key
+
+    assert flag_as_key(args, FLAGS) is None
+
+
+def test_a_flag_that_is_an_option_is_never_read_as_a_key():
+    from sft_config import flag_as_key
+
+    assert flag_as_key(["--epochs", "2"], {"--epochs"}) is None
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("epochs", "sft_training.epochs"), ("policy_name", "policy_name"), ("learning-rate", "sft_training.learning_rate"),
+    ("dataset_name", "dataset.dataset_name"), ("lr", "sft_training.learning_rate"),
+    ("max_seq_len", "sft_training.max_length"), ("nonsense", None),
+    ("alpha", None)])  # a key of a nested section (sft_training.lora.alpha) is not guessed
+def test_key_for_names_the_dotted_key_a_bare_name_means(name, key):
+    from sft_config import key_for
+
+    assert key_for(name) == key
+
+
 @pytest.mark.cli
 def test_help_prints_the_commands_not_the_module_map():
     out = run_cli("--help").stdout

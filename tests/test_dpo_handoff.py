@@ -832,3 +832,45 @@ def test_the_docs_list_exactly_the_files_install_writes():
     table = docs[docs.index("What install writes"):docs.index("Nothing else: upstream's")]
     named = set(re.findall(r"^\s*\| `([\w.]+\.py)`", table, flags=re.M))
     assert named == {*dpo_handoff.EDITED, *dpo_handoff.COPIED}
+
+
+def test_the_rows_trl_0_26_gets_carry_sfts_token_ids_split_where_the_reply_starts(llama32_tokenizer, hh_rows,
+                                                                                   monkeypatch):
+    """Under TRL < 1 (the DPO repo's stack) the rows hold SFT's own ids (prompt, reply + eos), which the installed
+    tokenize_row hands to TRL: a literal "<|eot_id|>" in a message stays text, one eos ends each reply. Run here
+    with the TRL version switched, on the control-token rows and two broken pairs."""
+    import copy
+
+    from datasets import Dataset
+
+    import hh_sft_chat
+    from hh_sft_chat import build_dpo_dataset, content_token_ids, parse_hh_to_messages, tokenize_conversations
+
+    monkeypatch.setattr(hh_sft_chat, "_trl_major", lambda: 0)
+    tokenizer = copy.deepcopy(llama32_tokenizer)
+    tokenizer.eos_token = "<|eot_id|>"  # as the SFT model's saved tokenizer has it
+    rows = control_token_rows(tokenizer, hh_rows, conversational=False)[:4]
+    broken = [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"},
+              {"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: b"}]
+    pairs, report = build_dpo_dataset(Dataset.from_list(rows[:2] + broken + rows[2:]), tokenizer, max_length=512,
+                                      return_report=True)
+    assert pairs["row"] == [0, 1, 4, 5] and report.rows_kept == 4
+    eos = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for row, pair in zip(rows, pairs):
+        chosen, rejected = parse_hh_to_messages(row["chosen"]), parse_hh_to_messages(row["rejected"])
+        good, bad = tokenize_conversations(tokenizer, [chosen, rejected])
+        assert pair["prompt_input_ids"] + pair["chosen_input_ids"] == good
+        assert pair["prompt_input_ids"] + pair["rejected_input_ids"] == bad
+        [reply] = content_token_ids(tokenizer, [chosen[-1]["content"]])
+        assert pair["chosen_input_ids"] == reply + [eos] and eos not in reply  # the literal text is not eos
+        assert pair["prompt"] == tokenizer.apply_chat_template(chosen[:-1], add_generation_prompt=True, tokenize=False)
+
+
+def test_a_model_folders_json_that_cannot_be_read_counts_as_empty(tmp_path):
+    path = tmp_path / "tokenizer_config.json"
+    assert dpo_handoff._json_or_empty(path) == {}  # missing
+    for text in (b"not json", b"[1, 2]", b'"a string"', b"\xff\xfe{}"):
+        path.write_bytes(text)
+        assert dpo_handoff._json_or_empty(path) == {}
+    path.write_text('{"chat_template": "caf\\u00e9 \u00e9"}', encoding="utf-8")
+    assert dpo_handoff._json_or_empty(path) == {"chat_template": "café é"}

@@ -108,3 +108,53 @@ def test_a_source_that_yields_no_rows_is_one_line_naming_it(tmp_path, small_base
         datasets=[{"dataset_name": str(empty), "subset": "train"}])
     with pytest.raises(ConfigError, match=rf"^sft_training\.datasets\.0 \({empty} \[train\]\): no usable rows \("):
         build_sft_mixture(cfg, *tokenizer_and_collator(small_base_dir))
+
+
+def test_the_dpo_data_is_the_source_it_names_or_its_own_rows_when_it_is_not_trained_on(tmp_path, hh_and_messages):
+    from data_process_sft import Source, dpo_rows
+
+    hh, messages = hh_and_messages
+    cfg = load_config(str(write_config(tmp_path, "base", dataset=hh, subset="train[:8]")))
+    sources = [Source(str(messages), "train[:8]", 1.0, None, np.arange(8), "messages rows"),
+               Source(str(hh), "train[:8]", 1.0, None, np.arange(8), "hh rows")]
+    assert dpo_rows(cfg, sources) == ("hh rows", 1)
+    other_split = [Source(str(hh), "train", 1.0, None, np.arange(8), "all hh rows")]  # same file, another subset
+    raw, which = dpo_rows(cfg, other_split)
+    assert which is None and raw["chosen"] == load_raw_dataset(str(hh), "train[:8]")["chosen"]
+
+
+def test_held_out_rows_are_the_dpo_sources_eval_rows_or_all_rows_when_not_trained_on():
+    from data_process_sft import held_out_rows
+
+    eval_split = {"row": [5, 2, 7, 1, 3], "source": [1, 0, 1, 0, 1]}
+    assert held_out_rows(eval_split, 10, 1) == [5, 7, 3]
+    assert held_out_rows(eval_split, 10, 0) == [2, 1]
+    assert held_out_rows(eval_split, 4, None) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("rows", "val_ratio", "said"), [
+    (1, 0.1, "fewer than 2 usable rows in DATA (the summary)"),
+    (0, 0.1, "fewer than 2 usable rows in DATA (the summary)"),
+    (10, 0.95, "dataset.val_ratio: 0.95 of 10 usable rows gives 0 train and 10 eval conversations; both need at "
+               "least 1: lower val_ratio or use more rows"),
+    (10, 0.0, "dataset.val_ratio: 0.0 of 10 usable rows gives 10 train and 0 eval conversations")])
+def test_a_split_that_leaves_a_side_empty_is_one_line_with_its_counts(rows, val_ratio, said):
+    from types import SimpleNamespace
+
+    from data_process_sft import check_split_sizes
+    from sft_config import ConfigError
+
+    cfg = SimpleNamespace(dataset=SimpleNamespace(dataset_name="DATA", val_ratio=val_ratio))
+    report = SimpleNamespace(summary=lambda: "the summary")
+    with pytest.raises(ConfigError) as refused:
+        check_split_sizes(cfg, rows, report)
+    assert str(refused.value).startswith(said)
+
+
+@pytest.mark.parametrize(("rows", "val_ratio"), [(2, 0.5), (10, 0.1), (10, 0.9), (3, 0.01)])
+def test_a_split_with_a_row_on_each_side_passes(rows, val_ratio):
+    from types import SimpleNamespace
+
+    from data_process_sft import check_split_sizes
+
+    check_split_sizes(SimpleNamespace(dataset=SimpleNamespace(dataset_name="D", val_ratio=val_ratio)), rows, None)

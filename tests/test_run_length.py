@@ -127,3 +127,70 @@ def test_metrics_and_the_card_say_the_steps_and_epochs_the_weights_have():
                "train_loss": 1.0, "eval_loss": 1.0, "eval_accuracy": 0.5, "global_step": 4, "epochs_trained": 0.25,
                "global_batch": 16, "tokens_trained": 1, "tokens_seen": 1, "runtime_s": 1.0}
     assert "| optimizer steps | 4 (0.25 epochs) |" in model_card(cfg, metrics)
+
+
+def test_a_checkpoint_at_exactly_the_runs_epochs_is_resumed_and_one_past_them_is_not(tmp_path):
+    checkpoint_at(tmp_path, 4, 1.5)
+    assert contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1.5) == str(tmp_path / "checkpoint-4")
+    contract.unlock_save_dir(str(tmp_path))
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"global_step": 4, "epoch": 1.5001}))
+    with pytest.raises(ConfigError, match=r"is at epoch 1\.5001 \(step 4\), past this run's sft_training\.epochs "
+                                          r"1\.5.*; set sft_training\.epochs to at least 1\.5001 \(the run that "
+                                          r"wrote it\), or start fresh with --overwrite or another save_dir$"):
+        contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1.5)
+
+
+def test_a_checkpoint_state_without_step_or_epoch_counts_as_zero(tmp_path):
+    (tmp_path / "trainer_state.json").write_text("{}")
+    assert contract.checkpoint_progress(str(tmp_path)) == (0, 0.0)
+
+
+def test_a_finished_max_steps_run_continues_when_max_steps_grows_though_its_epochs_did_not(tmp_path, capsys):
+    finished_folder(tmp_path, 4, 1.0, max_steps=4)
+    assert contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1, max_steps=6) == \
+        str(tmp_path / "checkpoint-4")
+    assert "holds a finished run of 4 steps with its resume state kept: continuing from" in capsys.readouterr().out
+
+
+def test_a_finished_run_from_before_epochs_trained_continues_by_its_configured_epochs(tmp_path, capsys):
+    finished_folder(tmp_path, 4, 1.0)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    del metrics["epochs_trained"]  # older runs: the config's epochs is what they trained
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=2) == str(tmp_path / "checkpoint-4")
+    assert "holds a finished run of 1 epoch(s) with its resume state kept: continuing from" in capsys.readouterr().out
+    contract.unlock_save_dir(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"raise sft_training\.epochs to continue from it"):
+        contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1)
+
+
+@pytest.mark.parametrize("metrics", ["not json", "[1, 2]", '{"global_step": "four"}', "unreadable"])
+def test_a_finished_run_whose_metrics_cannot_be_read_is_refused_not_continued(tmp_path, metrics):
+    finished_folder(tmp_path, 4, 0.4)
+    if metrics == "unreadable":
+        (tmp_path / "metrics.json").unlink()
+        (tmp_path / "metrics.json").mkdir()  # reading it is an OSError
+    else:
+        (tmp_path / "metrics.json").write_text(metrics)
+    with pytest.raises(ConfigError, match=r"already holds a finished model and its kept resume state"):
+        contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=9)
+
+
+def test_weights_without_a_report_or_a_checkpoint_are_refused_saying_both_ways_out(tmp_path):
+    (tmp_path / "model.safetensors").write_text("weights")
+    (tmp_path / ".hh-sft-run").write_text("")
+    with pytest.raises(ConfigError) as refused:
+        contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1)
+    assert str(refused.value) == (f"{tmp_path} holds a model but no metrics.json and no checkpoint to finish it from; "
+                                  "pass --overwrite to train over it, or set another sft_training.save_dir")
+
+
+def test_a_finished_run_without_resume_state_is_refused_saying_what_overwrite_does(tmp_path):
+    finished_folder(tmp_path, 4, 1.0)
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    with pytest.raises(ConfigError) as refused:
+        contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=3)
+    assert str(refused.value) == (f"{tmp_path} already holds a finished model; --overwrite deletes it and trains a "
+                                  "new model from step 0, or set another sft_training.save_dir")

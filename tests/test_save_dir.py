@@ -581,3 +581,80 @@ def test_readiness_never_replaces_the_report_when_no_pair_was_scored(tmp_path, s
     run = train_sft.Run(cfg, train_sft.MODES["readiness"], False)
     assert train_sft.readiness_only(run, prepared) == (2 if scored else 1)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == report
+
+
+@pytest.mark.parametrize(("files", "ours"), [
+    ({}, False),
+    ({"metrics.json": '{"written_by": "hh-sft train_sft.py"}'}, True),
+    ({"metrics.json": '{"tokens_trained": 5}'}, True),  # a report from before `written_by`
+    ({"metrics.json": '{"written_by": "another tool"}'}, False),
+    ({"metrics.json": "not json"}, False),
+    ({"metrics.json": "[1, 2]"}, False),
+    ({"checkpoint-3/sft_run.json": "{}"}, True),
+    ({"checkpoint-3/trainer_state.json": "{}"}, False),  # the Trainer's own checkpoint: not ours
+    ({".lock": ""}, False)])
+def test_is_ours_reads_the_mark_the_report_and_our_checkpoints_only(tmp_path, monkeypatch, files, ours):
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    for name, text in files.items():
+        (save_dir / name).parent.mkdir(exist_ok=True)
+        (save_dir / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".hh-sft-run").write_text("")  # a mark in the working directory says nothing about save_dir
+    assert save_dir_contract.is_ours(str(save_dir)) is ours
+
+
+def test_is_ours_of_a_file_or_a_missing_path_is_false(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    assert not save_dir_contract.is_ours(str(tmp_path / "a_file"))
+    assert not save_dir_contract.is_ours(str(tmp_path / "missing"))
+
+
+def test_no_checkpoint_or_one_without_a_fingerprint_is_never_compared(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft_run.json").write_text(json.dumps({"processes": 8}))  # in the working directory: not a run's
+    save_dir_contract.check_same_run(None, {"processes": 1})
+    older = real_checkpoint(tmp_path / "out", 2, complete=False)  # written before fingerprints
+    save_dir_contract.check_same_run(str(older), {"processes": 1})
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_tidy_finished_removes_or_keeps_the_resume_state_and_says_which_with_its_size(tmp_path, keep):
+    for step in (10, 2):
+        real_checkpoint(tmp_path, step)
+    (tmp_path / "training_args.bin").write_bytes(b"x" * 10)
+    (tmp_path / "model.safetensors").write_text("weights")
+    save_dir_contract.lock_save_dir(str(tmp_path))  # the run's lock
+    size = sum(f.stat().st_size for d in ("checkpoint-2", "checkpoint-10") for f in (tmp_path / d).rglob("*")
+               if f.is_file())
+    line = save_dir_contract.tidy_finished(str(tmp_path), keep, length_key="max_steps")
+    shown = save_dir_contract.size(size)
+    if keep:
+        assert line == (f"  resume state kept (checkpoint-2, checkpoint-10, {shown}; sft_training.keep_checkpoints: "
+                        "true): raise sft_training.max_steps and run the same command to continue")
+    else:
+        assert line == (f"  resume state removed (checkpoint-2, checkpoint-10, {shown}); to keep it for more epochs "
+                        "or a resume, set sft_training.keep_checkpoints: true")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert ({"checkpoint-2", "checkpoint-10", "training_args.bin"} <= left) is keep
+    assert "model.safetensors" in left and ".lock" not in left  # the weights stay; the run's lock is released
+
+
+@pytest.mark.parametrize(("keep", "said"), [(False, "  no resume state left"), (True, "  no resume state to keep")])
+def test_tidy_finished_without_checkpoints_says_so(tmp_path, keep, said):
+    (tmp_path / "training_args.bin").write_bytes(b"x")
+    assert save_dir_contract.tidy_finished(str(tmp_path), keep) == said
+    assert (tmp_path / "training_args.bin").exists() is keep
+
+
+def test_the_hub_push_leaves_out_exactly_the_resume_state_and_the_bookkeeping():
+    import fnmatch
+
+    folder = ["checkpoint-12/model.safetensors", "checkpoint-12/optimizer.pt", ".final-model-tmp/model.safetensors",
+              ".lock", ".hh-sft-run", "damaged-checkpoint-4/model.safetensors", "training_args.bin", "wandb_run_id",
+              "model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "README.md",
+              "metrics.json", "samples.jsonl", "training_curves.png", "adapter/adapter_model.safetensors"]
+    patterns = save_dir_contract.hub_ignore_patterns()
+    pushed = [f for f in folder if not any(fnmatch.fnmatch(f, p) for p in patterns)]
+    assert pushed == ["model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "README.md",
+                      "metrics.json", "samples.jsonl", "training_curves.png", "adapter/adapter_model.safetensors"]
