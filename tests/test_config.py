@@ -389,3 +389,32 @@ def test_two_modes_at_once_are_one_line_before_anything_runs(flags, capsys):
     assert ended.value.code == 2
     assert capsys.readouterr().err == (f"error: {' and '.join(flags)} are separate modes: pass one (the demo's model "
                                        "is scored with: --config config_demo.yaml --readiness)\n")
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"sft_training": {"datasets": [{"dataset_name": "x.jsonl", "fracton": 0.5}]}},
+     "unknown key 'fracton' in 'sft_training.datasets.0' (did you mean 'fraction'?)"),
+    ({"sft_training": {"lora": {"alhpa": 8}}}, "unknown key 'alhpa' in 'lora' (did you mean 'alpha'?)"),
+    ({"sft_training": {"zzzz": 1}}, "unknown key 'zzzz' in 'sft_training'"),
+    ({"sft_training": {"datasets": [{"subset": "train"}]}},
+     "missing required key 'dataset_name' in 'sft_training.datasets.0'"),
+    ({"policy_name": None}, "policy_name: must not be null")])
+def test_a_bad_key_in_the_file_is_one_line_naming_where_it_is(tmp_path, change, said):
+    raw = yaml.safe_load((REPO / "config_dpo.yaml").read_text())
+    for section, value in change.items():
+        raw[section] = {**raw[section], **value} if isinstance(value, dict) else value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path))
+    assert str(refused.value) == said
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("sft_training.lora.alhpa=8", "unknown key 'alhpa' in 'lora' (did you mean 'alpha'?)"),
+    ("sft_training.lorra.alpha=8", "unknown key 'lorra' in 'sft_training' (did you mean 'lora'?)"),
+    ("sft_training.epochs.x=1", "override 'sft_training.epochs.x=1': sft_training.epochs is not a section")])
+def test_an_override_into_an_unknown_or_plain_key_names_its_section(tmp_path, override, said):
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(write_config(tmp_path)), [override])
+    assert str(refused.value) == said

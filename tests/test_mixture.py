@@ -158,3 +158,45 @@ def test_a_split_with_a_row_on_each_side_passes(rows, val_ratio):
     from data_process_sft import check_split_sizes
 
     check_split_sizes(SimpleNamespace(dataset=SimpleNamespace(dataset_name="D", val_ratio=val_ratio)), rows, None)
+
+
+def test_the_mixtures_report_adds_each_sources_counts_and_weights_its_means():
+    from hh_sft_chat import DataReport, merge_reports
+
+    hh = DataReport(format="hh", rows_read=10, rows_kept=8, dropped={"empty_reply": 2}, tokens=100,
+                    assistant_tokens=40, truncated=1, assistant_turns_mean=1.5, prompt_repeated=0)
+    messages = DataReport(format="messages", rows_read=5, rows_kept=2, dropped={"empty_reply": 1, "not_text": 2},
+                          tokens=50, assistant_tokens=30, truncated=2, assistant_turns_mean=3.0, prompt_repeated=4)
+    merged = merge_reports([hh, messages], np.arange(1, 101))
+    assert merged == DataReport(format="mixture", rows_read=15, rows_kept=10,
+                                dropped={"empty_reply": 3, "not_text": 2}, tokens=150, assistant_tokens=70,
+                                truncated=3, length_percentiles={"p50": 50, "p90": 90, "p99": 99},
+                                assistant_turns_mean=1.8, prompt_repeated=4)  # (1.5 * 8 + 3 * 2) / 10
+    assert merge_reports([hh, hh], np.array([7])).format == "hh"  # one format: its name, not "mixture"
+    empty = merge_reports([DataReport(format="hh", rows_read=3, dropped={"empty_reply": 3})], [])
+    assert (empty.rows_kept, empty.assistant_turns_mean, empty.length_percentiles) == (0, 0.0, {})
+
+
+def test_a_mixture_keeps_each_sources_name_rows_and_fraction_and_mixes_them_in_the_seeds_order(
+        tmp_path, small_base_dir, hh_and_messages):
+    hh, messages = hh_and_messages
+    plain = load_config(str(write_config(tmp_path, small_base_dir, max_length=128, dataset=hh, subset="train")))
+    tokenizer, collator = tokenizer_and_collator(small_base_dir)
+    cfg = plain.replace(seed=3, datasets=[{"dataset_name": str(hh), "subset": "train", "fraction": 0.25},
+                                          {"dataset_name": str(messages), "subset": "train"}])
+    data, report, (first, second) = build_sft_mixture(cfg, tokenizer, collator)
+    again, _, _ = build_sft_mixture(cfg, tokenizer, collator)
+    assert (data["source"], data["row"]) == (again["source"], again["row"])  # the same seed, the same order
+    assert data["source"] != sorted(data["source"])  # mixed, not one source after the other
+    assert (first.dataset_name, first.subset, first.fraction, len(first.raw)) == (str(hh), "train", 0.25, 96)
+    assert (second.dataset_name, second.subset, second.fraction, len(second.raw)) == (str(messages), "train", 1.0, 96)
+    assert len(first.rows) == 24 and {r for r, s in zip(data["row"], data["source"]) if s == 0} <= set(first.rows)
+    assert report.format == "mixture" and report.rows_read == 24 + 96
+    tiny = cfg.replace(datasets=[{"dataset_name": str(hh), "subset": "train", "fraction": 0.001}])
+    assert len(build_sft_mixture(tiny, tokenizer, collator)[2][0].rows) == 1  # never an empty source
+    sliced = build_sft_mixture(cfg, tokenizer, collator, slice_rows=5)[2]
+    assert [len(s.rows) for s in sliced] == [5, 5]
+
+    alone, _, (source,) = build_sft_mixture(plain, tokenizer, collator)  # no sft_training.datasets: the dataset
+    assert (source.dataset_name, source.subset) == (str(hh), "train")
+    assert alone["row"] == sorted(alone["row"]) and set(alone["source"]) == {0}  # in its own order

@@ -658,3 +658,36 @@ def test_the_hub_push_leaves_out_exactly_the_resume_state_and_the_bookkeeping():
     pushed = [f for f in folder if not any(fnmatch.fnmatch(f, p) for p in patterns)]
     assert pushed == ["model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "README.md",
                       "metrics.json", "samples.jsonl", "training_curves.png", "adapter/adapter_model.safetensors"]
+
+
+def test_foreign_files_are_named_four_at_most_and_the_refusal_says_both_ways_out(tmp_path):
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ConfigError) as four:
+        save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1)
+    assert str(four.value) == (f"sft_training.save_dir: {tmp_path} holds files that train_sft.py did not write (a.txt, "
+                               "b.txt, c.txt, d.txt); pass --overwrite to write this run's files there (files of "
+                               "other names are left alone), or set another save_dir")
+    (tmp_path / "e.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"\(a\.txt, b\.txt, c\.txt, d\.txt, \.\.\.\); pass --overwrite"):
+        save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1)
+
+
+def test_a_checkpoint_name_that_is_a_file_is_refused_and_nothing_is_deleted(tmp_path):
+    (tmp_path / ".hh-sft-run").write_text("")
+    (tmp_path / "checkpoint-3").write_text("not a folder")
+    with pytest.raises(ConfigError) as refused:
+        save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1)
+    assert str(refused.value) == (f"sft_training.save_dir: {tmp_path / 'checkpoint-3'} is not a folder, so not a "
+                                  "checkpoint train_sft.py wrote; move it out of save_dir (nothing was deleted), or "
+                                  "set another save_dir")
+    assert (tmp_path / "checkpoint-3").is_file()
+
+
+def test_incomplete_checkpoints_are_removed_in_step_order(tmp_path, capsys):
+    (tmp_path / ".hh-sft-run").write_text("")
+    for step in (10, 9, 100):
+        real_checkpoint(tmp_path, step, complete=False)
+    assert save_dir_contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1) is None
+    removed = [line.split()[3] for line in capsys.readouterr().out.splitlines() if line.startswith("Removing")]
+    assert removed == [str(tmp_path / f"checkpoint-{step}") for step in (9, 10, 100)]
