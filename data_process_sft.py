@@ -92,7 +92,7 @@ def load_rows(name: str, split: str):
         raise ConfigError(f"dataset {name}: the split {split!r} selects no rows; set dataset.subset to a non-empty "
                           "split, e.g. train[:100%]")
     try:
-        chat.detect(rows.column_names, rows[0] if len(rows) else None)
+        chat.detect(rows.column_names)  # (the columns decide whether SFT reads them; the builder tells hh from lists)
     except chat.FormatError as e:
         raise ConfigError(f"dataset {name}: {e}") from None
     return rows

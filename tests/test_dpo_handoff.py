@@ -717,6 +717,9 @@ def test_what_install_refuses_is_said_exactly(dpo_repo, tmp_path):
         dpo_handoff.install(dpo_repo, source=lacking)
     assert str(refused.value) == (f"{lacking} lacks {', '.join(dpo_handoff.COPIED[1:])}: run install from a whole "
                                   "hh-sft checkout; nothing was changed")
+    (lacking / "hh_sft_chat.py").unlink()
+    with pytest.raises(dpo_handoff.HandoffError, match=rf"^{lacking} lacks hh_sft_chat\.py, hh_sft_dpo\.py: run"):
+        dpo_handoff.install(dpo_repo, source=lacking)
     with pytest.raises(dpo_handoff.HandoffError) as refused:
         dpo_handoff.install(dpo_repo, source=dpo_repo)
     assert str(refused.value) == (f"run install from the hh-sft checkout (python /path/to/hh-sft/dpo_handoff.py "
@@ -752,7 +755,8 @@ def test_check_names_an_unknown_or_undecodable_file_exactly(dpo_repo):
 
 
 @pytest.mark.parametrize(("edited", "deleted"), [(("training.py",), ("risk_dpo_trainer.py",)),
-                                                 ((), ("risk_dpo_trainer.py", "training.py")), (("training.py",), ())])
+                                                 ((), ("risk_dpo_trainer.py", "training.py")), (("training.py",), ()),
+                                                 (("risk_dpo_trainer.py", "training.py"), ())])
 def test_changed_and_deleted_files_are_named_together(dpo_repo, edited, deleted):
     assert dpo_handoff.install(dpo_repo) == 0
     for name in edited:

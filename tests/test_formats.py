@@ -187,5 +187,36 @@ def test_an_explicit_prompt_repeated_in_chosen_is_trained_once_and_said(tmp_path
 
 
 def test_an_empty_split_is_one_line():
-    with pytest.raises(ConfigError, match=r"the split 'train\[50%:10%\]' selects no rows; set dataset\.subset"):
+    with pytest.raises(ConfigError) as refused:
         load_rows(str(SAMPLE), "train[50%:10%]")
+    assert str(refused.value) == (f"dataset {SAMPLE}: the split 'train[50%:10%]' selects no rows; set dataset.subset "
+                                  "to a non-empty split, e.g. train[:100%]")
+
+
+@pytest.mark.parametrize(("fmt", "row", "repeated"), [
+    ("prompt_completion", {"prompt": [{"role": "user", "content": "Q"}],
+                           "completion": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+     True),
+    ("prompt_completion", {"prompt": [{"role": "user", "content": "Q"}],
+                           "completion": [{"role": "assistant", "content": "A"}]}, False),
+    ("preference", {"prompt": [{"role": "user", "content": "Q"}],
+                    "chosen": [{"role": "user", "content": " Q "}, {"role": "assistant", "content": "A"}]}, True),
+    ("preference", {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}, False),
+    ("messages", {"prompt": [{"role": "user", "content": "Q"}], "messages": [{"role": "user", "content": "Q"}]},
+     False),
+    ("hh", {"chosen": "\n\nHuman: Q\n\nAssistant: A"}, False)])
+def test_prompt_repeated_is_an_explicit_prompt_at_the_start_of_the_reply_side(fmt, row, repeated):
+    from hh_sft_chat import prompt_repeated
+
+    assert prompt_repeated(fmt, row) is repeated
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    ({"content": "x"}, "message_without_role_or_content"), ({"role": "user"}, "message_without_role_or_content"),
+    ("user: x", "message_without_role_or_content"), ({"role": "tool", "content": "x"}, "unknown_role"),
+    ({"role": "user", "content": ["x"]}, "content_not_a_string")])
+def test_a_malformed_message_drops_its_row_under_its_reason(message, reason):
+    from hh_sft_chat import conversation
+
+    assert conversation("messages", {"messages": [message, {"role": "assistant", "content": "A"}]}) == ([], reason)
+
