@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,9 @@ def tiny_trainer(folder, steps=3, save_steps=None, **sft):
                             checkpoints=bool(save_steps))
 
 
+STATS_SESSION = f"-{os.getpid()}-{time.time_ns()}"
+
+
 @pytest.fixture(autouse=True)
 def _mutant_has_its_own_datasets_cache(monkeypatch):
     """In a mutation run (mutmut sets MUTANT_UNDER_TEST per mutant, and to "stats" while it records which tests
@@ -302,6 +306,8 @@ def _mutant_has_its_own_datasets_cache(monkeypatch):
     results: key it by the mutant too, for both modules whose functions run inside `datasets.map`."""
     mutant = os.environ.get("MUTANT_UNDER_TEST")
     if mutant:
+        if mutant == "stats":  # timed as a first build (a cache kept from an earlier stats pass made the baseline
+            mutant += STATS_SESSION  # too short, so slower first builds of mutants read as timeouts)
         import data_process_sft
         import hh_sft_chat
 
@@ -349,8 +355,6 @@ def catches(pid: int, sig: int) -> bool:
 def wait_until(ready, proc=None, timeout=600):
     """Poll `ready()` (a file, a line, a handler: a state the test can see) while `proc` is alive; fails if `proc`
     ends first or the time runs out (a guard against a hang, not a speed limit: no test waits a fixed delay)."""
-    import time
-
     deadline = time.time() + timeout
     while not ready():
         assert proc is None or proc.poll() is None, "the process ended before it got there"

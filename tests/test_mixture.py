@@ -180,7 +180,7 @@ def test_the_mixtures_report_adds_each_sources_counts_and_weights_its_means():
 def test_a_mixture_keeps_each_sources_name_rows_and_fraction_and_mixes_them_in_the_seeds_order(
         tmp_path, small_base_dir, hh_and_messages):
     hh, messages = hh_and_messages
-    plain = load_config(str(write_config(tmp_path, small_base_dir, max_length=128, dataset=hh, subset="train")))
+    plain = load_config(str(write_config(tmp_path, small_base_dir, max_length=128, dataset=hh, subset="train[:90]")))
     tokenizer, collator = tokenizer_and_collator(small_base_dir)
     cfg = plain.replace(seed=3, datasets=[{"dataset_name": str(hh), "subset": "train", "fraction": 0.25},
                                           {"dataset_name": str(messages), "subset": "train"}])
@@ -198,5 +198,5 @@ def test_a_mixture_keeps_each_sources_name_rows_and_fraction_and_mixes_them_in_t
     assert [len(s.rows) for s in sliced] == [5, 5]
 
     alone, _, (source,) = build_sft_mixture(plain, tokenizer, collator)  # no sft_training.datasets: the dataset
-    assert (source.dataset_name, source.subset) == (str(hh), "train")
+    assert (source.dataset_name, source.subset, len(source.raw)) == (str(hh), "train[:90]", 90)
     assert alone["row"] == sorted(alone["row"]) and set(alone["source"]) == {0}  # in its own order
