@@ -141,7 +141,7 @@ def conversation(fmt: str, row: dict) -> tuple[list[dict[str, str]], str]:
 
 def prompt_repeated(fmt: str, row: dict) -> bool:
     """Whether the row's reply side starts with its whole explicit prompt (conversation() takes it once)."""
-    if fmt == "messages" or row.get("prompt") is None:
+    if row.get("prompt") is None:  # (a messages row has no reply column to repeat it: detect allows no mix)
         return False
     prompt, _ = _messages(row.get("prompt"))
     reply, _ = _messages(row.get("chosen" if fmt == "preference" else "completion"))

@@ -393,7 +393,7 @@ def write_whole(path: str, value: dict, sort_keys: bool = False) -> None:
     os.replace(path + ".tmp", path)
 
 
-def tidy_finished(save_dir: str, keep_checkpoints: bool, length_key: str = "epochs") -> str:
+def tidy_finished(save_dir: str, keep_checkpoints: bool, length_key: str) -> str:
     """Leave a finished save_dir as the DPO stage and the Hub need it: the resume state (checkpoint-N folders
     with optimizer and RNG state, ~14 GB at 1B; training_args.bin) goes unless `keep_checkpoints`, and the run
     lock is released. Returns the line that says what was kept or removed, with its size (and, when kept, the key

@@ -283,7 +283,7 @@ FLAGS = {"--config", "--demo", "--dry-run", "--overwrite", "-h", "--help"}
     (["--epochs=a=b"], "e.g. sft_training.epochs=a=b"),  # the value is everything after the first `=`
     (["--dataset-name", "x.jsonl"], "e.g. dataset.dataset_name=x.jsonl"),
     (["--dry-run", "--policy_name"], "e.g. policy_name=VALUE"),  # the last argument: no value follows
-    (["--lr", "3"], "e.g. sft_training.learning_rate=3")])  # another tool's name
+    (["--dry-run", "--lr", "3"], "e.g. sft_training.learning_rate=3")])  # another tool's name, after an option
 def test_a_flag_that_names_a_key_is_answered_with_the_override_that_sets_it(args, said):
     from sft_config import flag_as_key
 
@@ -413,7 +413,8 @@ def test_a_bad_key_in_the_file_is_one_line_naming_where_it_is(tmp_path, change, 
 @pytest.mark.parametrize(("override", "said"), [
     ("sft_training.lora.alhpa=8", "unknown key 'alhpa' in 'lora' (did you mean 'alpha'?)"),
     ("sft_training.lorra.alpha=8", "unknown key 'lorra' in 'sft_training' (did you mean 'lora'?)"),
-    ("sft_training.epochs.x=1", "override 'sft_training.epochs.x=1': sft_training.epochs is not a section")])
+    ("sft_training.epochs.x=1", "override 'sft_training.epochs.x=1': sft_training.epochs is not a section"),
+    ("dpo_training.epochs.x=1", "override 'dpo_training.epochs.x=1': epochs is not a section")])  # the DPO repo's
 def test_an_override_into_an_unknown_or_plain_key_names_its_section(tmp_path, override, said):
     with pytest.raises(ConfigError) as refused:
         load_config(str(write_config(tmp_path)), [override])

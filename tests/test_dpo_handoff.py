@@ -878,3 +878,30 @@ def test_a_model_folders_json_that_cannot_be_read_counts_as_empty(tmp_path):
         assert dpo_handoff._json_or_empty(path) == {}
     path.write_text('{"chat_template": "caf\\u00e9 \u00e9"}', encoding="utf-8")
     assert dpo_handoff._json_or_empty(path) == {"chat_template": "café é"}
+
+
+@pytest.mark.parametrize("where", ["chosen_reply", "rejected_prompt", "rejected_reply"])
+def test_sequences_that_do_not_end_in_the_reply_and_eos_are_refused(llama32_tokenizer, where):
+    """_dpo_token_ids splits SFT's ids where the reply starts; a template that renders anything else there (a
+    token after the eos, another prompt on the rejected side) is refused rather than split wrong."""
+    import copy
+
+    from hh_sft_chat import _dpo_token_ids, tokenize_conversations
+
+    tokenizer = copy.deepcopy(llama32_tokenizer)
+    tokenizer.eos_token = "<|eot_id|>"
+    prompt = [{"role": "user", "content": "Why?"}]
+    good, bad = {"role": "assistant", "content": "Because."}, {"role": "assistant", "content": "No."}
+    sequences = tokenize_conversations(tokenizer, [prompt + [good], prompt + [bad]])
+    assert _dpo_token_ids(tokenizer, [(prompt, good, bad)], sequences)["chosen_input_ids"][0][-1] == \
+        tokenizer.eos_token_id
+    chosen, rejected = sequences
+    if where == "chosen_reply":
+        chosen = chosen[:-3] + [chosen[-2], chosen[-3], chosen[-1]]  # the reply's tokens out of order
+    elif where == "rejected_prompt":
+        rejected = [rejected[0] + 1, *rejected[1:]]
+    else:
+        rejected = rejected[:-1] + [tokenizer.pad_token_id]
+    with pytest.raises(ValueError, match=r"^the chat template must end each reply with its content and the eos "
+                                         r"token$"):
+        _dpo_token_ids(tokenizer, [(prompt, good, bad)], [chosen, rejected])

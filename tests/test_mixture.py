@@ -164,14 +164,14 @@ def test_the_mixtures_report_adds_each_sources_counts_and_weights_its_means():
     from hh_sft_chat import DataReport, merge_reports
 
     hh = DataReport(format="hh", rows_read=10, rows_kept=8, dropped={"empty_reply": 2}, tokens=100,
-                    assistant_tokens=40, truncated=1, assistant_turns_mean=1.5, prompt_repeated=0)
-    messages = DataReport(format="messages", rows_read=5, rows_kept=2, dropped={"empty_reply": 1, "not_text": 2},
-                          tokens=50, assistant_tokens=30, truncated=2, assistant_turns_mean=3.0, prompt_repeated=4)
+                    assistant_tokens=40, truncated=1, assistant_turns_mean=1.5, prompt_repeated=1)
+    messages = DataReport(format="messages", rows_read=5, rows_kept=3, dropped={"empty_reply": 1, "not_text": 1},
+                          tokens=50, assistant_tokens=30, truncated=2, assistant_turns_mean=2.0, prompt_repeated=4)
     merged = merge_reports([hh, messages], np.arange(1, 101))
-    assert merged == DataReport(format="mixture", rows_read=15, rows_kept=10,
-                                dropped={"empty_reply": 3, "not_text": 2}, tokens=150, assistant_tokens=70,
+    assert merged == DataReport(format="mixture", rows_read=15, rows_kept=11,
+                                dropped={"empty_reply": 3, "not_text": 1}, tokens=150, assistant_tokens=70,
                                 truncated=3, length_percentiles={"p50": 50, "p90": 90, "p99": 99},
-                                assistant_turns_mean=1.8, prompt_repeated=4)  # (1.5 * 8 + 3 * 2) / 10
+                                assistant_turns_mean=1.64, prompt_repeated=5)  # (1.5 * 8 + 2 * 3) / 11, 2 places
     assert merge_reports([hh, hh], np.array([7])).format == "hh"  # one format: its name, not "mixture"
     empty = merge_reports([DataReport(format="hh", rows_read=3, dropped={"empty_reply": 3})], [])
     assert (empty.rows_kept, empty.assistant_turns_mean, empty.length_percentiles) == (0, 0.0, {})

@@ -40,7 +40,7 @@ def test_a_tokenizer_as_long_as_the_table_has_no_gap_and_one_more_token_has(llam
         "the tokenizer has 128,257 tokens, the model 128,254 embedding rows: ids 128,254..128,256 "
         "(<|reserved_special_token_245|> (128254), <|reserved_special_token_246|> (128255), <|image|> (128256)) "
         "have no row")
-    assert vocabulary_gap(llama32_tokenizer, 128250).endswith("(128252), ...) have no row")  # the first three named
+    assert vocabulary_gap(llama32_tokenizer, 128253).endswith("(128255), ...) have no row")  # the first three named
 
 
 def test_trailing_user_turns_are_all_dropped_and_such_a_pair_is_kept(hh_rows):

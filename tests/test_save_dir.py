@@ -622,6 +622,7 @@ def test_no_checkpoint_or_one_without_a_fingerprint_is_never_compared(tmp_path, 
 def test_tidy_finished_removes_or_keeps_the_resume_state_and_says_which_with_its_size(tmp_path, keep):
     for step in (10, 2):
         real_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-2" / "optimizer.pt").write_bytes(b"x" * 3_000_000)  # a size the line shows (2.9 MiB)
     (tmp_path / "training_args.bin").write_bytes(b"x" * 10)
     (tmp_path / "model.safetensors").write_text("weights")
     save_dir_contract.lock_save_dir(str(tmp_path))  # the run's lock
@@ -629,6 +630,7 @@ def test_tidy_finished_removes_or_keeps_the_resume_state_and_says_which_with_its
                if f.is_file())
     line = save_dir_contract.tidy_finished(str(tmp_path), keep, length_key="max_steps")
     shown = save_dir_contract.size(size)
+    assert shown == "2.9 MiB"
     if keep:
         assert line == (f"  resume state kept (checkpoint-2, checkpoint-10, {shown}; sft_training.keep_checkpoints: "
                         "true): raise sft_training.max_steps and run the same command to continue")
@@ -643,8 +645,10 @@ def test_tidy_finished_removes_or_keeps_the_resume_state_and_says_which_with_its
 @pytest.mark.parametrize(("keep", "said"), [(False, "  no resume state left"), (True, "  no resume state to keep")])
 def test_tidy_finished_without_checkpoints_says_so(tmp_path, keep, said):
     (tmp_path / "training_args.bin").write_bytes(b"x")
-    assert save_dir_contract.tidy_finished(str(tmp_path), keep) == said
+    assert save_dir_contract.tidy_finished(str(tmp_path), keep, "epochs") == said
     assert (tmp_path / "training_args.bin").exists() is keep
+    (tmp_path / "training_args.bin").unlink(missing_ok=True)
+    assert save_dir_contract.tidy_finished(str(tmp_path), keep, "epochs") == said  # nothing to remove: no error
 
 
 def test_the_hub_push_leaves_out_exactly_the_resume_state_and_the_bookkeeping():
