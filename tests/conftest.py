@@ -22,6 +22,9 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ["WANDB_DIR"] = tempfile.mkdtemp(prefix="wandb-tests-")  # offline runs never land in the repo
 os.environ.pop("WANDB_API_KEY", None)
 
+if os.environ.get("MUTANT_UNDER_TEST"):  # mutmut forks its workers from a process that ran torch: with an intra-op
+    os.environ["OMP_NUM_THREADS"] = "1"  # thread pool a forked worker deadlocks in a matmul, and mutmut's only
+    os.environ["MKL_NUM_THREADS"] = "1"  # time limit (CPU seconds) never fires
 WORKERS = os.environ.get("PYTEST_XDIST_WORKER_COUNT")  # pytest -n N: N workers share the cores
 if WORKERS:  # threads each, so that none oversubscribes them
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // int(WORKERS))))
