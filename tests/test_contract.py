@@ -309,3 +309,11 @@ def test_a_resume_under_another_optimizer_or_scheduler_is_refused_naming_it(tmp_
     now = contract.run_fingerprint(cfg.replace(**{key: value}), DataReport(), "d", 1)
     with pytest.raises(ConfigError, match=rf"\(sft_training\.{key} {getattr(cfg.sft_training, key)!r} -> {value!r}\)"):
         contract.check_same_run(str(checkpoint), now)
+
+
+def test_a_writer_names_only_files_of_the_save_dir_table():
+    import os
+
+    assert contract.run_file("out", "metrics.json") == os.path.join("out", "metrics.json")
+    with pytest.raises(KeyError, match=r"notes\.txt is not in save_dir_contract\.SAVE_DIR_FILES"):
+        contract.run_file("out", "notes.txt")

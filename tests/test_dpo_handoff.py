@@ -868,6 +868,8 @@ def test_the_rows_trl_0_26_gets_carry_sfts_token_ids_split_where_the_reply_start
         [reply] = content_token_ids(tokenizer, [chosen[-1]["content"]])
         assert pair["chosen_input_ids"] == reply + [eos] and eos not in reply  # the literal text is not eos
         assert pair["prompt"] == tokenizer.apply_chat_template(chosen[:-1], add_generation_prompt=True, tokenize=False)
+    unlimited = build_dpo_dataset(Dataset.from_list(rows), tokenizer)  # no max_length: the ids all the same
+    assert unlimited["chosen_input_ids"] == pairs["chosen_input_ids"]
 
 
 def test_a_model_folders_json_that_cannot_be_read_counts_as_empty(tmp_path):
