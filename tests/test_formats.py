@@ -220,3 +220,36 @@ def test_a_malformed_message_drops_its_row_under_its_reason(message, reason):
 
     assert conversation("messages", {"messages": [message, {"role": "assistant", "content": "A"}]}) == ([], reason)
 
+
+
+def test_content_token_ids_leave_the_tokenizer_reading_control_tokens_again(llama32_tokenizer):
+    from hh_sft_chat import content_token_ids
+
+    eot = llama32_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    [literal] = content_token_ids(llama32_tokenizer, [" <|eot_id|> "])
+    assert eot not in literal and len(literal) > 1  # the text, stripped
+    assert llama32_tokenizer("<|eot_id|>", add_special_tokens=False)["input_ids"] == [eot]  # and after it, control
+
+
+def test_hh_rows_never_count_as_repeating_a_prompt(hh_rows):
+    from datasets import Dataset
+
+    from hh_sft_chat import prompts_repeated
+
+    batch = Dataset.from_list(hh_rows[:8])[:]
+    assert prompts_repeated(batch) == [False] * 8
+    assert prompts_repeated({"messages": [[{"role": "user", "content": "Q"}]] * 3}) == [False] * 3
+
+
+@pytest.mark.parametrize(("name", "kind"), [("rows.jsonl", "json"), ("rows.json.gz", "json"), ("r.parquet", "parquet"),
+                                            ("rows.csv", None), ("folder", None)])
+def test_a_data_file_kind_comes_from_its_suffix_or_is_none(name, kind):
+    assert hh_sft_chat.data_file_kind(name) == kind
+
+
+@pytest.mark.parametrize(("columns", "said"), [(["text", "id"], "its columns (id, text) are none of the formats"),
+                                               ([], "its columns (none) are none of the formats")])
+def test_columns_in_no_format_are_named_sorted(columns, said):
+    with pytest.raises(hh_sft_chat.FormatError) as refused:
+        hh_sft_chat.detect(columns)
+    assert str(refused.value).startswith(said + " SFT reads. ")
