@@ -229,6 +229,7 @@ def test_content_token_ids_leave_the_tokenizer_reading_control_tokens_again(llam
     [literal] = content_token_ids(llama32_tokenizer, [" <|eot_id|> "])
     assert eot not in literal and len(literal) > 1  # the text, stripped
     assert llama32_tokenizer("<|eot_id|>", add_special_tokens=False)["input_ids"] == [eot]  # and after it, control
+    assert not llama32_tokenizer.backend_tokenizer.encode_special_tokens  # for a direct user of the Rust tokenizer
 
 
 def test_hh_rows_never_count_as_repeating_a_prompt(hh_rows):
