@@ -3,6 +3,7 @@ command after a kill at any point ends with the weights and report of an uninter
 run's length is refused; a finished run continues when the key it uses grows, and its advice names that key."""
 
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 import save_dir_contract as contract
 from conftest import real_checkpoint, run_cli, write_config
 from sft_config import ConfigError
-from test_save_dir import injected
+from test_save_dir import injected, refusal
 
 # A max_steps run that stops mid-epoch (96 rows in batches of 4: ~20 steps an epoch), at a constant learning rate,
 # so one step too many shows in the weights.
@@ -179,18 +180,12 @@ def test_a_finished_run_whose_metrics_cannot_be_read_is_refused_not_continued(tm
 def test_weights_without_a_report_or_a_checkpoint_are_refused_saying_both_ways_out(tmp_path):
     (tmp_path / "model.safetensors").write_text("weights")
     (tmp_path / ".hh-sft-run").write_text("")
-    with pytest.raises(ConfigError) as refused:
-        contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=1)
-    assert str(refused.value) == (f"{tmp_path} holds a model but no metrics.json and no checkpoint to finish it from; "
-                                  "pass --overwrite to train over it, or set another sft_training.save_dir")
+    assert refusal(tmp_path) == (f"{tmp_path} holds a model but no metrics.json and no checkpoint to finish it from; "
+                                 "pass --overwrite to train over it, or set another sft_training.save_dir")
 
 
 def test_a_finished_run_without_resume_state_is_refused_saying_what_overwrite_does(tmp_path):
     finished_folder(tmp_path, 4, 1.0)
-    import shutil
-
     shutil.rmtree(tmp_path / "checkpoint-4")
-    with pytest.raises(ConfigError) as refused:
-        contract.prepare_save_dir(str(tmp_path), overwrite=False, epochs=3)
-    assert str(refused.value) == (f"{tmp_path} already holds a finished model; --overwrite deletes it and trains a "
-                                  "new model from step 0, or set another sft_training.save_dir")
+    assert refusal(tmp_path, epochs=3) == (f"{tmp_path} already holds a finished model; --overwrite deletes it and "
+                                           "trains a new model from step 0, or set another sft_training.save_dir")
