@@ -467,6 +467,7 @@ def _loss_logps(trainer, module, batch_size: int):
     models' logits set to zero: every scored token then adds exactly -log(vocabulary size)."""
     import torch
     from torch.utils.data import DataLoader
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     original = getattr(module, "dpo_loss_tensor", None)
     if original is None:
@@ -486,22 +487,26 @@ def _loss_logps(trainer, module, batch_size: int):
                 trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
         return torch.cat(captured).numpy()
 
-    def zero_logits(_module, _args, output):
-        output.logits = torch.zeros_like(output.logits)
-        return output
+    vocabulary = trainer.model.get_output_embeddings().weight.shape[0]
+
+    def zero_logits(input_ids, logits_to_keep=0, **_kwargs):
+        """The logits of a model that gives every token the same score, as a transformers causal LM returns them
+        (the last `logits_to_keep` positions when set): one zero seen through a view, no model run, no GBs."""
+        length = logits_to_keep or input_ids.shape[1]
+        return CausalLMOutputWithPast(logits=torch.zeros(()).expand(input_ids.shape[0], length, vocabulary))
 
     module.dpo_loss_tensor = capture
     try:
         logps = run()
-        hooks = [model.register_forward_hook(zero_logits) for model in (trainer.model, trainer.ref_model)]
+        for model in (trainer.model, trainer.ref_model):
+            model.forward = zero_logits
         try:
             uniform = run()
         finally:
-            for hook in hooks:
-                hook.remove()
+            for model in (trainer.model, trainer.ref_model):
+                del model.forward
     finally:
         module.dpo_loss_tensor = original
-    vocabulary = trainer.model.get_output_embeddings().weight.shape[0]
     return logps, np.rint(-uniform / math.log(vocabulary)).astype(int)
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from warm_python import WarmPython
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -171,12 +172,34 @@ def cli_env(**extra):
     return {**base, "WANDB_MODE": "offline", **extra}
 
 
-def run_cli(*args, cwd=REPO, script="train_sft.py", env=None, timeout=600, launcher=()):
-    """Run one of the repo's scripts as a user does; returns the CompletedProcess."""
+def run_cli(*args, cwd=REPO, script="train_sft.py", env=None, timeout=600, launcher=(), warm=False):
+    """Run one of the repo's scripts as a user does; returns the CompletedProcess. `warm`: in a child forked from a
+    Python that has already imported the libraries (tests/warm_python.py: ~7 s less a run; for tests of what a run
+    does, not of what it prints while it imports)."""
+    script = str(REPO / script) if not Path(script).is_absolute() else script
+    env = env or cli_env()
+    if warm:
+        return warm_python(env).run(script, args, cwd, env, timeout)
     command = [*launcher] if launcher else [sys.executable]
-    return subprocess.run([*command, str(REPO / script) if not Path(script).is_absolute() else script, *args],
-                          cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run([*command, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+WARM_PYTHONS: dict[tuple, WarmPython] = {}
+
+
+def warm_python(env: dict) -> WarmPython:
+    """The warm Python for this environment (one per environment: libraries read some variables as they are
+    imported; WANDB_DIR is read when a run starts)."""
+    key = tuple(sorted((k, v) for k, v in env.items() if k != "WANDB_DIR"))
+    if key not in WARM_PYTHONS:
+        WARM_PYTHONS[key] = WarmPython(env)
+    return WARM_PYTHONS[key]
+
+
+def pytest_unconfigure():
+    for warm in WARM_PYTHONS.values():
+        warm.close()
 
 
 TRACER = """import atexit, json, runpy, socket, sys
@@ -216,7 +239,7 @@ def sft_run(tmp_path_factory, base_model_dir):
     folder = tmp_path_factory.mktemp("sft_run")
     config = write_config(folder, base_model_dir, max_length=96, warmup_steps=2, log_steps=2, eval_steps=6,
                           save_steps=12, save_dir=str(folder / "sft_out"), wandb_project="sft-test")
-    out = assert_ok(run_cli("--config", str(config), cwd=folder, env=cli_env(WANDB_DIR=str(folder))))
+    out = assert_ok(run_cli("--config", str(config), cwd=folder, env=cli_env(WANDB_DIR=str(folder)), warm=True))
     return folder, folder / "sft_out", out
 
 

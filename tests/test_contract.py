@@ -24,16 +24,16 @@ def fingerprint(checkpoint, **values):
 def test_a_finished_run_with_kept_checkpoints_continues_when_epochs_are_raised(tmp_path, small_base_dir):
     config = write_config(tmp_path, small_base_dir, subset="train[:24]", save_steps=4, keep_checkpoints=True,
                           readiness_pairs=0, sample_prompts=0)
-    first = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    first = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert "raise sft_training.epochs and run the same command to continue" in first
     steps = json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"]
 
-    again = run_cli("--config", str(config), cwd=tmp_path)
+    again = run_cli("--config", str(config), cwd=tmp_path, warm=True)
     assert again.returncode == 2 and "raise sft_training.epochs to continue from it" in again.stderr
     assert "--overwrite deletes both" in again.stderr  # the destructive route says what it destroys
     assert list((tmp_path / "out").glob("checkpoint-*"))  # nothing deleted
 
-    more = assert_ok(run_cli("--config", str(config), "sft_training.epochs=2", cwd=tmp_path))
+    more = assert_ok(run_cli("--config", str(config), "sft_training.epochs=2", cwd=tmp_path, warm=True))
     assert "holds a finished run of 1 epoch(s) with its resume state kept: continuing from" in more
     assert "to 2 epochs" in more
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -46,11 +46,11 @@ def snapshot(repo):
     return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
 
 
-def handoff(*args, env=None):
+def handoff(*args, env=None, warm=False):
     """dpo_handoff.py's command line, in this process (fast, and where mutmut and coverage see it; the script's own
     process is run by the race and run-from-inside-the-repo tests), or in a process of the stack `env` names."""
     if env is not None:
-        return run_cli(*args, script="dpo_handoff.py", env=env)
+        return run_cli(*args, script="dpo_handoff.py", env=env, warm=warm)
     import datasets
     import transformers
 
@@ -495,7 +495,7 @@ def test_check_refuses_our_own_stack_before_loading_anything(dpo_repo, model_fol
 
 def run_check(dpo_repo, model, report, stack):
     return handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(model), "--data", str(REAL_HH), "-n", "12",
-                   "--report", str(report), env=cli_env(PYTHONPATH=str(stack)))
+                   "--report", str(report), env=stack_env(stack), warm=True)
 
 
 @pytest.mark.slow
@@ -563,7 +563,7 @@ def test_the_installed_loss_scores_control_token_text_as_sft_trained_it(sft_run,
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
     result = handoff("check", "--dpo-repo", str(dpo_repo), "--model", str(sft_run[1]), "--data", str(data),
-                     "-n", "8", "--report", str(tmp_path / "check.json"), env=stack_env(dpo_stack))
+                     "-n", "8", "--report", str(tmp_path / "check.json"), env=stack_env(dpo_stack), warm=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     seen = json.loads((tmp_path / "check.json").read_text())
     assert len(seen["rows"]) == len(rows) == 8
@@ -577,8 +577,8 @@ def test_the_installed_loss_trains_and_logs_like_trls_dpo_trainer(sft_run, dpo_s
     assert handoff("install", "--dpo-repo", str(dpo_repo)).returncode == 0
     (dpo_repo / "dpo_oracle_check.py").write_bytes((REPO / "tests" / "dpo_oracle_check.py").read_bytes())
     out = dpo_repo / "oracle.json"
-    result = subprocess.run([sys.executable, "dpo_oracle_check.py", str(sft_run[1]), str(REAL_HH), str(out)],
-                            env=stack_env(dpo_stack), capture_output=True, text=True, timeout=600, cwd=dpo_repo)
+    result = run_cli(str(sft_run[1]), str(REAL_HH), str(out), script=str(dpo_repo / "dpo_oracle_check.py"),
+                     cwd=dpo_repo, env=stack_env(dpo_stack), warm=True)
     assert result.returncode == 0, result.stderr[-4000:]
     seen = json.loads(out.read_text())
     installed, stock = seen["installed"], seen["stock"]

@@ -5,8 +5,6 @@ exactly the sequences SFT trained on (one BOS, one <|eot_id|>)."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,8 +30,8 @@ def seen_there(sft_run, dpo_stack, tmp_path_factory):
     assert run_cli("install", "--dpo-repo", str(dpo_repo), script="dpo_handoff.py").returncode == 0
     shutil.copy(REPO / "tests" / "dpo_stack_check.py", dpo_repo)
     prefix = dpo_repo / "seen"
-    result = subprocess.run([sys.executable, "dpo_stack_check.py", str(save_dir), str(REAL_HH), str(prefix)],
-                            env=stack_env(dpo_stack), capture_output=True, text=True, timeout=600, cwd=dpo_repo)
+    result = run_cli(str(save_dir), str(REAL_HH), str(prefix), script=str(dpo_repo / "dpo_stack_check.py"),
+                     cwd=dpo_repo, env=stack_env(dpo_stack), warm=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(prefix.with_suffix(".json").read_text()), torch.load(prefix.with_suffix(".pt")), save_dir
 

@@ -29,7 +29,7 @@ def no_prompt_rows(path, n=24):
 def test_eval_rows_without_a_prompt_do_not_fail_the_report(tmp_path, small_base_dir):
     data = no_prompt_rows(tmp_path / "hh.jsonl")
     config = write_config(tmp_path, small_base_dir, dataset=data, subset="train", val_ratio=0.5, readiness_pairs=0)
-    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert "Reference readiness" not in out and not (tmp_path / "out" / "readiness_margins.png").exists()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["readiness"] is None  # readiness_pairs: 0
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]

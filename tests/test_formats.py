@@ -8,7 +8,7 @@ import json
 import pytest
 
 import hh_sft_chat
-from conftest import REAL_HH, SAMPLE, assert_ok, cli_env, run_cli, run_traced, write_config
+from conftest import REAL_HH, SAMPLE, assert_ok, run_cli, run_traced, write_config
 from data_process_sft import build_sft_dataset, load_raw_dataset, load_rows
 from hh_sft_chat import build_dpo_dataset, parse_hh_to_messages
 from sft_config import ConfigError
@@ -139,12 +139,12 @@ def test_a_run_on_conversational_pairs_trains_and_readiness_scores_them(tmp_path
     raw = load_raw_dataset(str(SAMPLE), "train[:64]")
     data = converted(tmp_path, "preference", [r for r in raw if isinstance(r["chosen"], str)])
     config = write_config(tmp_path, small_base_dir, dataset=data, subset="train", readiness_pairs=16)
-    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert "data: format conversational preference (TRL); rows read" in out
     assert "note: the DPO stage (dynamic-dpo-v1) reads dataset.dataset_name with its own loader" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_loss"] > 0 and metrics["readiness"]["pairs"] > 0
-    again = assert_ok(run_cli("--config", str(config), "--readiness", cwd=tmp_path, env=cli_env()))
+    again = assert_ok(run_cli("--config", str(config), "--readiness", cwd=tmp_path, warm=True))
     assert "Updated in" in again
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["readiness"]["pairs"] == \
         metrics["readiness"]["pairs"]
@@ -155,7 +155,7 @@ def test_a_run_on_a_messages_file_trains_evaluates_and_saves(tmp_path, small_bas
     raw = load_raw_dataset(str(SAMPLE), "train[:64]")
     data = converted(tmp_path, "messages", [r for r in raw if isinstance(r["chosen"], str)])
     config = write_config(tmp_path, small_base_dir, dataset=data, subset="train")
-    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert "data: format messages (TRL conversational); rows read" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_loss"] > 0 and (tmp_path / "out" / "model.safetensors").is_file()

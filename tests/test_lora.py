@@ -28,7 +28,7 @@ def chat_ids(folder):
 def lora_run(tmp_path_factory, small_base_dir):
     folder = tmp_path_factory.mktemp("lora_run")
     config = write_config(folder, small_base_dir, lora=LORA, learning_rate=1e-2, readiness_pairs=8)
-    return folder, folder / "out", assert_ok(run_cli("--config", str(config), cwd=folder))
+    return folder, folder / "out", assert_ok(run_cli("--config", str(config), cwd=folder, warm=True))
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def test_a_mixture_trains_on_both_sources_and_reports_each_while_readiness_score
     config = with_sources(write_config(tmp_path, small_base_dir, readiness_pairs=16, max_length=128),
                           [{"dataset_name": str(hh), "subset": "train"},
                            {"dataset_name": str(messages), "subset": "train"}], dataset_name=str(hh), subset="train")
-    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert f"    source 0: {hh} [train]: format HH text; rows read 96" in out
     assert f"    source 1: {messages} [train]: format messages (TRL conversational); rows read 96" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

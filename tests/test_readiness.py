@@ -89,7 +89,7 @@ def test_a_run_reports_readiness_and_readiness_reruns_it_on_the_saved_model(sft_
     shutil.copytree(save_dir, copy)
     config = (folder / "config.yaml").read_text().replace(str(save_dir), str(copy))
     (tmp_path / "config.yaml").write_text(config.replace("wandb_project: sft-test", "wandb_project: null"))
-    again = assert_ok(run_cli("--config", str(tmp_path / "config.yaml"), "--readiness", cwd=tmp_path))
+    again = assert_ok(run_cli("--config", str(tmp_path / "config.yaml"), "--readiness", cwd=tmp_path, warm=True))
     assert "Reference readiness (" in again and "Saved the SFT model" not in again
     assert f"Updated in {copy}: metrics.json (its readiness section), the model card README.md and " \
            "readiness_margins.png" in again

@@ -42,19 +42,21 @@ def test_a_kill_at_every_point_of_a_max_steps_run_ends_with_the_uninterrupted_mo
     command; the last one ends with the uninterrupted run's weights and report."""
     reference = tmp_path / "reference"
     reference.mkdir()
-    assert run_cli("--config", str(write_config(reference, small_base_dir, **MAX_STEPS)), cwd=reference).returncode == 0
+    config = write_config(reference, small_base_dir, **MAX_STEPS)
+    assert run_cli("--config", str(config), cwd=reference, warm=True).returncode == 0
     weights, metrics = finished(reference / "out")
     assert metrics["global_step"] == 4 and 0 < metrics["epochs_trained"] < 1  # stopped mid-epoch
     folder = tmp_path / "killed"
     folder.mkdir()
     config = write_config(folder, small_base_dir, **MAX_STEPS)
     for name, patch in KILL_POINTS.items():
-        killed = run_cli("--config", str(config), cwd=folder, script=str(injected(folder, "import os\n" + patch)))
+        killed = run_cli("--config", str(config), cwd=folder, script=str(injected(folder, "import os\n" + patch)),
+                         warm=True)
         assert killed.returncode == 137, (name, killed.stdout[-2000:], killed.stderr[-2000:])
         assert not (folder / "out" / "metrics.json").exists(), name  # the run is not finished yet
         if name == "final save started":  # the run killed at max_steps' checkpoint was finished, not trained on
             assert "Finishing from" in killed.stdout and "so no step is trained" in killed.stdout
-    rerun = run_cli("--config", str(config), cwd=folder)
+    rerun = run_cli("--config", str(config), cwd=folder, warm=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     got, report = finished(folder / "out")
     assert max((weights[k] - got[k]).abs().max().item() for k in weights) <= 1e-6

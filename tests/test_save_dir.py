@@ -56,17 +56,17 @@ def test_the_nan_advice_works_lower_learning_rate_and_run_the_same_command(tmp_p
                           lr_scheduler_type="constant", epochs=1, wandb_project="nan-advice", readiness_pairs=0)
     script = injected(tmp_path, patch)
     env = cli_env(WANDB_DIR=str(tmp_path))
-    first = run_cli("--config", str(config), cwd=tmp_path, script=str(script), env=env)
+    first = run_cli("--config", str(config), cwd=tmp_path, script=str(script), env=env, warm=True)
     assert first.returncode == 1 and "the training loss became nan at step 5" in first.stderr
     assert "Last good checkpoint: " + str(tmp_path / "out" / "checkpoint-4") in first.stderr
 
     changed = run_cli("--config", str(config), "sft_training.batch_size=8", cwd=tmp_path, script=str(script),
-                      env=env)
+                      env=env, warm=True)
     assert changed.returncode == 2
     assert "was written by a run with other settings (sft_training.batch_size 4 -> 8)" in changed.stderr
 
     config.write_text(config.read_text().replace("learning_rate: 0.05", "learning_rate: 0.001"))
-    second = run_cli("--config", str(config), cwd=tmp_path, script=str(script), env=env)
+    second = run_cli("--config", str(config), cwd=tmp_path, script=str(script), env=env, warm=True)
     assert second.returncode == 0, second.stdout[-1500:] + second.stderr[-3000:]
     run_id = (tmp_path / "out" / "wandb_run_id").read_text()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
@@ -181,13 +181,13 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_the_rerun_resumes(tmp_path, s
              "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
              "    return save(obj, f, *a, **k)\ntorch.save = full")
     config = write_config(tmp_path, small_base_dir, save_steps=2)
-    result = run_cli("--config", str(config), cwd=tmp_path, script=str(injected(tmp_path, patch)))
+    result = run_cli("--config", str(config), cwd=tmp_path, script=str(injected(tmp_path, patch)), warm=True)
     assert result.returncode == 1
     [line] = [x for x in result.stderr.splitlines() if x.startswith("error")]
     assert line == (f"error: no space left on device in {tmp_path / 'out'}; free some GiB or lower "
                     "save_total_limit, then run the same command (it resumes from the last complete checkpoint)")
     assert "Traceback" not in result.stderr
-    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    out = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert "Removing incomplete checkpoint" in out and "Resuming from" in out and "checkpoint-2" in out
 
 
@@ -214,14 +214,14 @@ def test_disk_budget_counts_save_total_limit_plus_one_checkpoints(tmp_path, smal
 @pytest.mark.slow
 def test_a_run_killed_after_its_weights_were_renamed_is_finished_by_the_rerun(tmp_path, small_base_dir):
     config = write_config(tmp_path, small_base_dir, save_steps=4, keep_checkpoints=True)
-    assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     out = tmp_path / "out"
     complete = json.loads((out / "metrics.json").read_text())
     history = logged(out, "loss")
     assert abs(complete["train_loss"] - sum(history.values()) / len(history)) < 1e-9  # every step logged
     for name in ("metrics.json", "samples.jsonl", "training_curves.png", "README.md"):
         (out / name).unlink()
-    rerun = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    rerun = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert "whose final save was cut short: finishing it from" in rerun
     again = json.loads((out / "metrics.json").read_text())
     assert again["train_loss"] == pytest.approx(complete["train_loss"], abs=1e-9)  # the whole run, not 0.0
@@ -231,12 +231,12 @@ def test_a_run_killed_after_its_weights_were_renamed_is_finished_by_the_rerun(tm
 @pytest.mark.slow
 def test_overwrite_on_the_command_line_trains_fresh_over_a_finished_model(tmp_path, small_base_dir):
     config = write_config(tmp_path, small_base_dir, save_steps=4, readiness_pairs=0)
-    assert_ok(run_cli("--config", str(config), cwd=tmp_path))
-    refused = run_cli("--config", str(config), cwd=tmp_path)
+    assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
+    refused = run_cli("--config", str(config), cwd=tmp_path, warm=True)
     assert refused.returncode == 2 and "already holds a finished model; --overwrite deletes it" in refused.stderr
     (tmp_path / "out" / "checkpoint-999").mkdir()  # would be resumed from, were it not removed
     (tmp_path / "out" / "checkpoint-999" / "trainer_state.json").write_text("{}")
-    out = assert_ok(run_cli("--config", str(config), "--overwrite", cwd=tmp_path))
+    out = assert_ok(run_cli("--config", str(config), "--overwrite", cwd=tmp_path, warm=True))
     assert "Resuming" not in out and not (tmp_path / "out" / "checkpoint-999").exists()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"] > 0
 
@@ -389,11 +389,11 @@ def test_a_run_killed_in_its_end_of_run_report_is_finished_by_the_rerun(tmp_path
     named at start and kept."""
     config = write_config(tmp_path, small_base_dir, save_steps=4, readiness_pairs=8)
     patch = "import os, sft_readiness\nsft_readiness.score_readiness = lambda *a, **k: os._exit(137)"
-    killed = run_cli("--config", str(config), cwd=tmp_path, script=str(injected(tmp_path, patch)))
+    killed = run_cli("--config", str(config), cwd=tmp_path, script=str(injected(tmp_path, patch)), warm=True)
     out = tmp_path / "out"
     assert killed.returncode == 137 and (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
     (out / "damaged-checkpoint-1").mkdir()
-    rerun = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    rerun = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert "whose final save was cut short: finishing it from" in rerun
     assert "set aside in save_dir (damaged, never resumed or rotated; delete when done): damaged-checkpoint-1" in rerun
     metrics = json.loads((out / "metrics.json").read_text())
@@ -411,11 +411,11 @@ def test_reordered_data_rows_are_refused_on_resume(tmp_path, small_base_dir):
     data.write_text("\n".join(rows) + "\n")
     config = write_config(tmp_path, small_base_dir, dataset=data, subset="train", save_steps=4,
                           keep_checkpoints=True, readiness_pairs=0)
-    first = assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    first = assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     assert "  resume state kept (checkpoint-" in first
     (tmp_path / "out" / "metrics.json").unlink()  # a finish to complete: the rerun resumes the last checkpoint
     data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")
-    result = run_cli("--config", str(config), cwd=tmp_path)
+    result = run_cli("--config", str(config), cwd=tmp_path, warm=True)
     assert result.returncode == 2
     [line] = [x for x in result.stderr.splitlines() if x.startswith("error")]
     assert "was written by a run with other settings (data (token ids, sha256) '" in line
@@ -427,7 +427,7 @@ def test_a_resume_refused_under_torchrun_is_one_line_on_every_rank(tmp_path, sma
     """Resumed with 2 processes after a 1-process run: every rank says the same refusal and exits 2 (rank 1 used
     to die in gloo while rank 0 printed it)."""
     config = write_config(tmp_path, small_base_dir, save_steps=4, keep_checkpoints=True, readiness_pairs=0)
-    assert_ok(run_cli("--config", str(config), cwd=tmp_path))
+    assert_ok(run_cli("--config", str(config), cwd=tmp_path, warm=True))
     (tmp_path / "out" / "metrics.json").unlink()
     result = run_cli("--config", str(config), cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"),
                      launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))

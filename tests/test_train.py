@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def run(args, cwd, script="train_sft.py"):
-    return assert_ok(run_cli(*args, cwd=cwd, script=str(script), env=cli_env(WANDB_DIR=str(cwd))))
+    return assert_ok(run_cli(*args, cwd=cwd, script=str(script), env=cli_env(WANDB_DIR=str(cwd)), warm=True))
 
 
 def test_full_run_trains_evaluates_saves_reloads_and_logs_five_metrics(sft_run):
