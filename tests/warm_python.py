@@ -35,7 +35,7 @@ def _preload() -> None:
             loaded = importlib.import_module(module)
             for name in filter(None, names.split(",")):
                 getattr(loaded, name)
-        except (ImportError, AttributeError):  # a stack without it (the DPO repo's has no peft): the child imports
+        except Exception:  # noqa: BLE001 — a stack without it (the DPO repo's has no peft): the child imports it
             pass
 
 
