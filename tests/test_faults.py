@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 import conftest
-from conftest import REPO, catches, cli_env, real_checkpoint, wait_until
+from conftest import REPO, assert_ok, catches, cli_env, real_checkpoint, run_cli, wait_until
 from model_io import prepare_tokenizer
 from save_dir_contract import prepare_save_dir
 from sft_config import ConfigError
@@ -54,8 +54,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, small_b
     LoRA the checkpoints hold the adapter and its optimizer state: the resumed adapter equals the reference."""
     reference = tmp_path / "reference"
     reference.mkdir()
-    code, _, err = finish(start(write_config(reference, small_base_dir, lora=lora), reference))
-    assert code == 0, err[-2000:]
+    assert_ok(run_cli("--config", str(write_config(reference, small_base_dir, lora=lora)), cwd=reference, warm=True))
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -66,8 +65,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tmp_path, small_b
     proc.wait()
     assert not (killed / "out" / "model.safetensors").exists()
 
-    code, out, err = finish(start(config, killed))
-    assert code == 0, err[-2000:]
+    out = assert_ok(run_cli("--config", str(config), cwd=killed, warm=True))
     assert "Resuming from" in out and "checkpoint-" in out
     expected = load_file(reference / "out" / "model.safetensors")
     got = load_file(killed / "out" / "model.safetensors")
