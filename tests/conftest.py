@@ -188,10 +188,13 @@ def run_cli(*args, cwd=REPO, script="train_sft.py", env=None, timeout=600, launc
 WARM_PYTHONS: dict[tuple, WarmPython] = {}
 
 
+READ_AT_RUN_TIME = ("WANDB_DIR", "PYTEST_CURRENT_TEST")  # (pytest's: the test that is running; no library reads it)
+
+
 def warm_python(env: dict) -> WarmPython:
-    """The warm Python for this environment (one per environment: libraries read some variables as they are
-    imported; WANDB_DIR is read when a run starts)."""
-    key = tuple(sorted((k, v) for k, v in env.items() if k != "WANDB_DIR"))
+    """The warm Python for this environment: one per environment, as libraries read some variables as they are
+    imported, but the same one for environments that differ only in READ_AT_RUN_TIME."""
+    key = tuple(sorted((k, v) for k, v in env.items() if k not in READ_AT_RUN_TIME))
     if key not in WARM_PYTHONS:
         WARM_PYTHONS[key] = WarmPython(env)
     return WARM_PYTHONS[key]

@@ -66,8 +66,11 @@ def _run_child(request: dict) -> None:
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)
             code = 1
-    except BaseException:  # noqa: BLE001 — what an uncaught exception does: the traceback, exit status 1
-        sys.excepthook(*sys.exc_info())
+    except BaseException as e:  # noqa: BLE001 — what an uncaught exception does: the traceback, exit status 1
+        frames = e.__traceback__
+        while frames and frames.tb_frame.f_code.co_filename != script:  # from the script's frame on, as Python
+            frames = frames.tb_next
+        sys.excepthook(type(e), e, e.with_traceback(frames or e.__traceback__).__traceback__)
         code = 1
     threading._shutdown()  # as the interpreter ends: join non-daemon threads, run atexit handlers, flush
     atexit._run_exitfuncs()
