@@ -186,8 +186,6 @@ def run_cli(*args, cwd=REPO, script="train_sft.py", env=None, timeout=600, launc
 
 
 WARM_PYTHONS: dict[tuple, WarmPython] = {}
-
-
 READ_AT_RUN_TIME = ("WANDB_DIR", "PYTEST_CURRENT_TEST")  # (pytest's: the test that is running; no library reads it)
 
 

@@ -104,7 +104,8 @@ class WarmPython:
     def run(self, script: str, args: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            out.touch(), err.touch()
+            for path in (out, err):
+                path.touch()
             request = {"script": script, "args": list(args), "cwd": str(cwd), "env": env, "stdout": str(out),
                        "stderr": str(err)}
             self.server.stdin.write(json.dumps(request) + "\n")
