@@ -179,6 +179,7 @@ def run_cli(*args, cwd=REPO, script="train_sft.py", env=None, timeout=600, launc
     script = str(REPO / script) if not Path(script).is_absolute() else script
     env = env or cli_env()
     if warm:
+        assert not launcher, "a launcher starts its own processes: run it fresh"
         return warm_python(env).run(script, args, cwd, env, timeout)
     command = [*launcher] if launcher else [sys.executable]
     return subprocess.run([*command, script, *args], cwd=cwd, env=env, capture_output=True, text=True,

@@ -48,7 +48,8 @@ def snapshot(repo):
 
 def handoff(*args, env=None, warm=False):
     """dpo_handoff.py's command line, in this process (fast, and where mutmut and coverage see it; the script's own
-    process is run by the race and run-from-inside-the-repo tests), or in a process of the stack `env` names."""
+    process is run by the race and run-from-inside-the-repo tests), or in a process of the stack `env` names
+    (`warm`: forked from that stack's warm Python, conftest.run_cli)."""
     if env is not None:
         return run_cli(*args, script="dpo_handoff.py", env=env, warm=warm)
     import datasets
@@ -847,21 +848,28 @@ def test_the_docs_list_exactly_the_files_install_writes():
     assert named == {*dpo_handoff.EDITED, *dpo_handoff.COPIED}
 
 
-def test_the_rows_trl_0_26_gets_carry_sfts_token_ids_split_where_the_reply_starts(llama32_tokenizer, hh_rows,
+@pytest.fixture
+def saved_tokenizer(llama32_tokenizer):
+    """The Llama-3.2 tokenizer as the SFT model's folder holds it: <|eot_id|> is its eos."""
+    import copy
+
+    tokenizer = copy.deepcopy(llama32_tokenizer)
+    tokenizer.eos_token = "<|eot_id|>"
+    return tokenizer
+
+
+def test_the_rows_trl_0_26_gets_carry_sfts_token_ids_split_where_the_reply_starts(saved_tokenizer, hh_rows,
                                                                                    monkeypatch):
     """Under TRL < 1 (the DPO repo's stack) the rows hold SFT's own ids (prompt, reply + eos), which the installed
     tokenize_row hands to TRL: a literal "<|eot_id|>" in a message stays text, one eos ends each reply. Run here
     with the TRL version switched, on the control-token rows and two broken pairs."""
-    import copy
-
     from datasets import Dataset
 
     import hh_sft_chat
     from hh_sft_chat import build_dpo_dataset, content_token_ids, parse_hh_to_messages, tokenize_conversations
 
     monkeypatch.setattr(hh_sft_chat, "_trl_major", lambda: 0)
-    tokenizer = copy.deepcopy(llama32_tokenizer)
-    tokenizer.eos_token = "<|eot_id|>"  # as the SFT model's saved tokenizer has it
+    tokenizer = saved_tokenizer
     rows = control_token_rows(tokenizer, hh_rows, conversational=False)[:4]
     broken = [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"},
               {"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: b"}]
@@ -892,15 +900,12 @@ def test_a_model_folders_json_that_cannot_be_read_counts_as_empty(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["chosen_reply", "rejected_prompt", "rejected_reply"])
-def test_sequences_that_do_not_end_in_the_reply_and_eos_are_refused(llama32_tokenizer, where):
+def test_sequences_that_do_not_end_in_the_reply_and_eos_are_refused(saved_tokenizer, where):
     """_dpo_token_ids splits SFT's ids where the reply starts; a template that renders anything else there (a
     token after the eos, another prompt on the rejected side) is refused rather than split wrong."""
-    import copy
-
     from hh_sft_chat import _dpo_token_ids, tokenize_conversations
 
-    tokenizer = copy.deepcopy(llama32_tokenizer)
-    tokenizer.eos_token = "<|eot_id|>"
+    tokenizer = saved_tokenizer
     prompt = [{"role": "user", "content": "Why?"}]
     good, bad = {"role": "assistant", "content": "Because."}, {"role": "assistant", "content": "No."}
     sequences = tokenize_conversations(tokenizer, [prompt + [good], prompt + [bad]])

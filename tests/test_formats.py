@@ -221,7 +221,6 @@ def test_a_malformed_message_drops_its_row_under_its_reason(message, reason):
     assert conversation("messages", {"messages": [message, {"role": "assistant", "content": "A"}]}) == ([], reason)
 
 
-
 def test_content_token_ids_leave_the_tokenizer_reading_control_tokens_again(llama32_tokenizer):
     from hh_sft_chat import content_token_ids
 

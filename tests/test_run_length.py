@@ -42,8 +42,8 @@ def test_a_kill_at_every_point_of_a_max_steps_run_ends_with_the_uninterrupted_mo
     command; the last one ends with the uninterrupted run's weights and report."""
     reference = tmp_path / "reference"
     reference.mkdir()
-    config = write_config(reference, small_base_dir, **MAX_STEPS)
-    assert run_cli("--config", str(config), cwd=reference, warm=True).returncode == 0
+    reference_config = write_config(reference, small_base_dir, **MAX_STEPS)
+    assert run_cli("--config", str(reference_config), cwd=reference, warm=True).returncode == 0
     weights, metrics = finished(reference / "out")
     assert metrics["global_step"] == 4 and 0 < metrics["epochs_trained"] < 1  # stopped mid-epoch
     folder = tmp_path / "killed"

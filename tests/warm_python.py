@@ -14,11 +14,16 @@ lines, its refusals before loading, or which libraries it imports run a fresh in
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import json
 import os
+import runpy
+import selectors
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 PRELOAD = ("torch", "transformers:AutoModelForCausalLM,AutoTokenizer,Trainer", "trl:SFTTrainer,SFTConfig,DPOTrainer,"
@@ -27,8 +32,6 @@ PRELOAD = ("torch", "transformers:AutoModelForCausalLM,AutoTokenizer,Trainer", "
 
 def _preload() -> None:
     """Import what a run imports, in the server's environment (the children's, see WarmPython)."""
-    import importlib
-
     for entry in PRELOAD:
         module, _, names = entry.partition(":")
         try:
@@ -45,10 +48,6 @@ def _exit_status(status: int) -> int:
 
 def _run_child(request: dict) -> None:
     """In the forked child: become `python script *args` in `cwd` with `env`, run it, and end as Python ends."""
-    import atexit
-    import runpy
-    import threading
-
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -116,8 +115,6 @@ class WarmPython:
                                                err.read_text())
 
     def _wait(self, pid: int, timeout: float) -> int:
-        import selectors
-
         with selectors.DefaultSelector() as selector:
             selector.register(self.server.stdout, selectors.EVENT_READ)
             if not selector.select(timeout):
